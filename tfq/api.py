@@ -1,0 +1,106 @@
+"""Top-level API: ``tfq.quantize_model``, ``tfq.quantize_scope``, ``tfq.calibrate``."""
+from __future__ import annotations
+
+import contextlib
+
+import tensorflow as tf
+import tf_keras as keras
+from tensorflow_model_optimization.python.core.quantization.keras import quantize as tfmot_quantize
+from tensorflow_model_optimization.python.core.quantization.keras import quantize_wrapper
+
+from tfq import graph, schemes
+from tfq._keras import check_keras2_model
+
+
+def quantize_model(model, method="lsq+", **options):
+    """Quantize a float Keras 2 model with a tfq method.
+
+    Same as ``tfmot.quantization.keras.quantize_apply(quantize_annotate_model(model),
+    tfq.schemes.get(method, **options))``; ``options`` are the scheme's (``weight_bits``,
+    ``activation_bits``, ``first_last_bits``, method-specific ones).
+    """
+    check_keras2_model(model)
+    scheme = schemes.get(method, **options)
+    functional = graph.to_functional(model)
+    graph.check_structure(functional)
+    schemes.check_supported(functional)
+    with quantize_scope():
+        return tfmot_quantize.quantize_apply(annotate_model(functional), scheme)
+
+
+def annotate_model(model):
+    """tfmot's quantize_annotate_model for every layer tfmot can wrap; TFOpLambda layers (which
+    QuantizeAnnotate breaks) stay bare and are quantized when a neighbour is annotated."""
+    from tensorflow_model_optimization.python.core.quantization.keras import quantize_annotate
+
+    def annotate(layer):
+        if isinstance(layer, quantize_annotate.QuantizeAnnotate):
+            return layer
+        if type(layer).__name__ in schemes.UNWRAPPABLE:
+            return layer.__class__.from_config(layer.get_config())  # a fresh, uncalled copy
+        return quantize_annotate.QuantizeAnnotate(layer)
+
+    with quantize_scope():
+        return keras.models.clone_model(model, clone_function=annotate)
+
+
+@contextlib.contextmanager
+def quantize_scope():
+    """Deserialisation scope for models holding tfq (and tfmot) objects: use around
+    ``tf_keras.models.load_model``."""
+    with tfmot_quantize.quantize_scope():
+        # entered second so that its names win over tfmot's
+        with keras.utils.custom_object_scope({**custom_objects(), "QuantizeWrapperV2": QuantizeWrapper}) as scope:
+            yield scope
+
+
+def custom_objects():
+    """Every class and function tfq models may hold, by the names their configs use."""
+    import importlib
+
+    from tfq import configs
+    from tfq.quantizers import base
+    objects = {cls.__name__: cls for cls in base._REGISTRY.values()}
+    objects["LayerQuantizeConfig"] = configs.LayerQuantizeConfig
+    objects["PositiveConstraint"] = base.PositiveConstraint
+    try:
+        models = importlib.import_module("tfq.models")
+        objects.update({name: getattr(models, name) for name in getattr(models, "CUSTOM_OBJECTS", ())})
+    except ModuleNotFoundError:
+        pass
+    objects.update({f"tfq>{name}": obj for name, obj in list(objects.items())})
+    return objects
+
+
+class QuantizeWrapper(quantize_wrapper.QuantizeWrapperV2):
+    """tfmot's QuantizeWrapperV2, used when loading: it builds the wrapped layer before the
+    quantizers so the weight order matches the one saved (tfmot's own wrapper creates trainable
+    quantizer variables before the layer's kernel on load, which breaks h5 loading)."""
+
+    def build(self, input_shape):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        super().build(input_shape)
+
+
+def calibrate(model, data, steps=1):
+    """Initialise data-dependent quantizers from ``steps`` batches without changing anything
+    else: runs the quantizers' training-mode initialisation while BatchNorm statistics and
+    all other weights are restored afterwards. ``data``: array, tensor or dataset of (x, y)."""
+    if isinstance(data, tf.data.Dataset):
+        batches = [x for x, *_ in data.take(steps)]
+    else:
+        batches = [tf.convert_to_tensor(data)]
+    if not batches:
+        raise ValueError("calibrate: data is empty")
+    keep = [(w, w.numpy()) for w in model.weights if not _is_quantizer_parameter(w)]
+    for x in batches:
+        model(x, training=True)
+    for w, value in keep:
+        w.assign(value)
+    return model
+
+
+def _is_quantizer_parameter(variable):
+    name = variable.name.split("/")[-1].split(":")[0]
+    return any(name.endswith(suffix) for suffix in ("_scale", "_offset", "_initialized"))
