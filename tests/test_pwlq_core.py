@@ -343,6 +343,32 @@ def test_integer_tail_ratio_is_integer_and_int8_exact(weight_bits, bits_mean, bp
         np.testing.assert_array_equal(res.tail_ratio, 1)
 
 
+def test_integer_tail_ratio_closed_form_rounds_the_rule_ratio():
+    w = _gauss_channels(12, n=300, channels=10)
+    q, res = pc.quantize_channels(w, (1,), 4, breakpoint="gaussian", integer_tail_ratio=True,
+                                  bias_correction=False)
+    qs, rs = pc.quantize_channels(w, (1,), 4, breakpoint="search", integer_tail_ratio=True,
+                                  bias_correction=False)
+    fixed_m_best = []
+    for c in range(w.shape[1]):
+        col = w[:, c]
+        m, sigma = np.abs(col).max(), col.std(ddof=1)
+        p0 = pc.gaussian_breakpoint(m / sigma) * sigma
+        r = (m - p0) / p0
+        errs = {}
+        for k in {int(np.floor(r)), int(np.ceil(r))}:  # range kept at m: p = m / (k + 1)
+            errs[k] = ((pc.piecewise_quantize(col, 4, m / (k + 1))[0] - col) ** 2).sum()
+        k_best = min(errs, key=errs.get)
+        assert res.tail_ratio[c] == k_best
+        np.testing.assert_allclose(res.grid.breakpoint[c], m / (k_best + 1), rtol=1e-12)
+        # the search variant tries every k (and the range top): never worse per channel
+        assert ((qs[:, c] - col) ** 2).sum() <= ((q[:, c] - col) ** 2).sum() + 1e-12
+        fixed_m_best.append(min(((pc.piecewise_quantize(col, 4, m / (k + 1))[0] - col) ** 2).sum()
+                                for k in range(1, 8)))
+    # moving the range top (clipping or widening) beats the best k at top = m on Gaussians
+    assert ((qs - w) ** 2).sum() <= 0.98 * sum(fixed_m_best)
+
+
 def test_integer_tail_ratio_needs_codes_that_fit_int8():
     with pytest.raises(ValueError, match="integer_tail_ratio.*<= 6"):
         pc.quantize_channels(np.ones((4, 2)), (1,), 7, integer_tail_ratio=True)

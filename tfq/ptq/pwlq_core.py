@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Iterable, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Iterable, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -173,13 +173,32 @@ def _pw_rows(w2, levels, p, m):
     c_t = np.clip(np.round((np.minimum(a, mc) - pc) / stc), 0, levels)
     codes = np.where(centre, c_c, c_t)
     mag = np.where(centre, c_c * scc, pc + c_t * stc)
-    sign = np.where(w2 < 0, -1, 1).astype(np.int8) * 0 + 1
+    sign = np.where(w2 < 0, -1, 1).astype(np.int8)
     return sign * mag, codes.astype(np.int64), sign, ~centre, p, s_c, s_t
 
 
-def _sse_at_ratio(w2, levels, ratio, m):
-    values = _pw_rows(w2, levels, ratio * m, m)[0]
-    return np.sum((values - w2) ** 2, axis=-1)
+def _sse_mag(a, levels, p, top):
+    """Row sums of squared eq. 3 errors from magnitudes ``a = |w|`` (the sign cancels);
+    ``p``, ``top`` (R,) with ``0 < p < top`` on rows with ``top > 0``. Same arithmetic as
+    ``_pw_rows``, fewer passes: this is the inner loop of the searches."""
+    live = top > 0
+    p = np.where(live, p, 0.0)[:, None]
+    s_c = np.where(live, p[:, 0] / levels, 1.0)[:, None]
+    s_t = np.where(live & (top > p[:, 0]), (top - p[:, 0]) / levels, 1.0)[:, None]
+    centre = a <= p
+    step = np.where(centre, s_c, s_t)
+    base = np.where(centre, 0.0, p)
+    x = np.minimum(a, top[:, None]) - base
+    x /= step
+    np.round(x, out=x)
+    x *= step
+    x += base
+    x -= a
+    return np.einsum("ij,ij->i", x, x)
+
+
+def _sse_at_ratio(w2, levels, ratio, m, a=None):
+    return _sse_mag(np.abs(w2) if a is None else a, levels, ratio * m, m)
 
 
 def _coarse_to_fine(err_fn, n_rows, first, lo, hi):
@@ -203,8 +222,9 @@ def _coarse_to_fine(err_fn, n_rows, first, lo, hi):
 def _search_ratio(w2, levels):
     """Coarse-to-fine search of p/m (sec. 5.1.1): 0.1..0.9 step 0.1, then +-0.1 step 0.01, then
     +-0.01 step 0.001 (kept inside (0, 1)), vectorized over rows."""
-    m = np.max(np.abs(w2), axis=-1)
-    best, _ = _coarse_to_fine(lambda k: _sse_at_ratio(w2, levels, k / 1000.0, m), w2.shape[0],
+    a = np.abs(w2)
+    m = np.max(a, axis=-1)
+    best, _ = _coarse_to_fine(lambda k: _sse_at_ratio(w2, levels, k / 1000.0, m, a), w2.shape[0],
                               np.arange(100, 901, 100), _RATIO_MIN, _RATIO_MAX)
     return best / 1000.0
 
@@ -272,13 +292,13 @@ def max_integer_tail_ratio(bits_per_piece, max_code=INT8_MAX_CODE):
 
     With ``s_t = k s_c`` and ``p = (2^b-1) s_c`` the largest magnitude is ``(2^b-1)(k+1) s_c``.
     """
-    levels = 2 ** bits_per_piece - 1
+    levels = 2 ** _check_int(bits_per_piece, "bits_per_piece", 1, MAX_BITS) - 1
     return max_code // levels - 1
 
 
-def _integer_ratio_sse(w2, levels, k, top):
-    values = _integer_ratio_quantize(w2, levels, k, top)[0]
-    return np.sum((values - w2) ** 2, axis=-1)
+def _integer_ratio_sse(a, levels, k, top):
+    """Squared error of the integer-ratio grid (``p = top/(k+1)``) from magnitudes ``a``."""
+    return _sse_mag(a, levels, top / (k + 1.0), top)
 
 
 def _integer_ratio_choice(w2, levels, ratio, exhaustive, kmax):
@@ -290,7 +310,8 @@ def _integer_ratio_choice(w2, levels, ratio, exhaustive, kmax):
     coarse-to-fine search of top/m over 0.5..1.5 (step 0.1, 0.01, 0.001; below 1 clips the
     largest weights, above 1 moves the breakpoint up); the lowest L2 error wins.
     """
-    m = np.max(np.abs(w2), axis=-1)
+    a = np.abs(w2)
+    m = np.max(a, axis=-1)
     n = w2.shape[0]
     if not exhaustive:
         r = (1.0 - ratio) / ratio
@@ -300,7 +321,7 @@ def _integer_ratio_choice(w2, levels, ratio, exhaustive, kmax):
         candidates = [np.full(n, k, dtype=np.int64) for k in range(1, kmax + 1)]
     best_k, best_err = candidates[0], np.full(n, np.inf)
     for k in candidates:
-        err = _integer_ratio_sse(w2, levels, k, m)
+        err = _integer_ratio_sse(a, levels, k, m)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_k = np.where(better, k, best_k)
@@ -309,7 +330,7 @@ def _integer_ratio_choice(w2, levels, ratio, exhaustive, kmax):
     k0, best_top = best_k, m.copy()
     for dk in (0, -1, 1):
         k = np.clip(k0 + dk, 1, kmax)
-        t, err = _coarse_to_fine(lambda t: _integer_ratio_sse(w2, levels, k, t / 1000.0 * m), n,
+        t, err = _coarse_to_fine(lambda t: _integer_ratio_sse(a, levels, k, t / 1000.0 * m), n,
                                  np.arange(500, 1501, 100), 100, 2000)
         better = err < best_err
         best_err = np.where(better, err, best_err)

@@ -1,0 +1,51 @@
+# tfq: `make demo` (set-up + main job) and `make test` (set-up + test suite) on a fresh machine.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+FASHION_DIR ?= $(if $(TFQ_DATA_DIR),$(TFQ_DATA_DIR),/usr/share/datasets/fashion-mnist)
+RUN_DIR ?= runs/demo
+PYTEST_ARGS ?= -m "not slow"
+ONLY ?=
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export TF_USE_LEGACY_KERAS := 1
+
+.PHONY: install data demo test test-all bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed data
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist (no download at run time).
+data:
+	@if [ -f "$(FASHION_DIR)/t10k-labels-idx1-ubyte.gz" ]; then \
+	  echo "Fashion-MNIST: $(FASHION_DIR)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "Installing Debian's dataset-fashion-mnist"; \
+	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) ; \
+	else \
+	  echo "Fashion-MNIST is missing from $(FASHION_DIR): run 'sudo apt-get install dataset-fashion-mnist'"; \
+	  echo "or put the four IDX .gz files in a folder and set TFQ_DATA_DIR to it. Tests that need it are skipped."; \
+	fi
+
+demo: install
+	$(VENV)/bin/tfq train --dataset=fashion_mnist --model=mobile_swish --method=lsq+ \
+	  --weight_bits=4 --activation_bits=4 --float_epochs=3 --epochs=2 --run_dir=$(RUN_DIR) \
+	  --cache_dir=runs/cache
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -q -m ""
+
+bench: install
+	$(PY) -m benchmarks.run $(if $(ONLY),--only=$(ONLY),)
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

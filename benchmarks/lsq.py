@@ -1,0 +1,104 @@
+"""LSQ / LSQ+ benchmark (issue 2), following shared/BENCHMARKS.md.
+
+Fashion-MNIST, ``mobile_swish``: one cached float checkpoint; float fine-tuning, LSQ (config 1,
+LSQ init) and LSQ+ configs 1-4 at each bit-width, and tfmot's default 8-bit and experimental
+n-bit schemes, all with the same fine-tuning budget from the same checkpoint. Records Keras
+test accuracy and the median epoch seconds over epochs 2..E relative to the float epoch.
+
+    python -m benchmarks.lsq --epochs=3 --bits=4,3,2        # or: make bench ONLY=lsq
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import tfq  # noqa: F401  (Keras 2 before TensorFlow)
+import tf_keras as keras
+
+from tfq import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CACHE = os.path.join(HERE, ".cache")
+RESULTS = os.path.join(HERE, "results")
+
+
+def median_epoch(seconds):
+    later = seconds[1:] or seconds
+    return statistics.median(later)
+
+
+def tfmot_variant(net, scheme_name, bits):
+    import tensorflow_model_optimization as tfmot
+    qk = tfmot.quantization.keras
+    if scheme_name == "tfmot-8bit":
+        return qk.quantize_model(net)
+    scheme = qk.experimental.default_n_bit.DefaultNBitQuantizeScheme(num_bits_weight=bits,
+                                                                     num_bits_activation=bits)
+    with qk.quantize_scope():
+        return qk.quantize_apply(qk.quantize_annotate_model(net), scheme)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mobile_swish")
+    parser.add_argument("--float_epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs for every variant")
+    parser.add_argument("--bits", default="4,3,2")
+    parser.add_argument("--configs", default="1,2,3,4")
+    parser.add_argument("--learning_rate", type=float, default=5e-4)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=os.path.join(RESULTS, "lsq.json"))
+    args = parser.parse_args(argv)
+    bits_list = [int(b) for b in args.bits.split(",")]
+    configs = [int(c) for c in args.configs.split(",")]
+
+    variants = [("float", None, None)]
+    for bits in bits_list:
+        variants.append(("lsq", bits, {}))
+        variants += [("lsq+", bits, {"activation_config": c}) for c in configs]
+        variants.append(("tfmot-nbit", bits, None))
+    variants.append(("tfmot-8bit", 8, None))
+
+    results = {"benchmark": "lsq", "command": "python -m benchmarks.lsq " + " ".join(argv or sys.argv[1:]),
+               "protocol": vars(args), "machine": train.machine_info(), "variants": []}
+    float_epoch = None
+    for method, bits, options in variants:
+        net, ckpt = train.float_model("fashion_mnist", args.model, args.float_epochs, seed=args.seed,
+                                      limit=args.limit, cache_dir=CACHE, verbose=0)
+        row = {"method": method, "weight_bits": bits, "activation_bits": bits, "options": options}
+        try:
+            if method == "float":
+                model = net
+            elif method.startswith("tfmot"):
+                model = tfmot_variant(net, method, bits)
+            else:
+                model = tfq.quantize_model(net, method, weight_bits=bits, activation_bits=bits, **options)
+            start = time.perf_counter()
+            seconds = train.finetune(model, "fashion_mnist", args.epochs, learning_rate=args.learning_rate,
+                                     seed=args.seed, limit=args.limit, verbose=0)
+            row.update(epoch_seconds=seconds, median_epoch_seconds=median_epoch(seconds),
+                       keras_accuracy=train.evaluate(model, "fashion_mnist"),
+                       total_seconds=time.perf_counter() - start)
+            if method == "float":
+                float_epoch = row["median_epoch_seconds"]
+            row["epoch_ratio_to_float"] = row["median_epoch_seconds"] / float_epoch if float_epoch else None
+        except Exception as err:  # a peer that cannot quantize this model is a result, not a crash
+            row.update(error=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
+            traceback.print_exc(limit=2)
+        print(json.dumps(row), flush=True)
+        results["variants"].append(row)
+        keras.backend.clear_session()
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

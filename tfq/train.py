@@ -1,0 +1,175 @@
+"""The main job: train (or load) a float model, fine-tune its quantized version, evaluate both,
+and write a run directory.
+
+Run directory layout::
+
+    RUN_DIR/
+      float.h5              the float model (Keras 2 h5)
+      quantized.h5          the quantized model (load inside tfq.quantize_scope())
+      metrics.json          options, accuracies, epoch times, per-quantizer parameters
+      logs/                 TensorBoard: losses, accuracies, every quantizer's scale/offset
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from tfq import data as tfq_data
+from tfq import models as tfq_models
+from tfq.api import quantize_model, quantize_scope
+
+
+def compile_model(model, learning_rate, steps=None):
+    lr = learning_rate
+    if steps:
+        lr = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps)
+    model.compile(optimizer=keras.optimizers.Adam(lr),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    return model
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Wall-clock seconds of every epoch (the first includes tracing)."""
+
+    def on_train_begin(self, logs=None):
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def quantizer_parameters(model):
+    """``{variable name: value}`` of every quantizer variable (scales, offsets, ...)."""
+    params = {}
+    for weight in model.weights:
+        short = weight.name.split("/")[-1].split(":")[0]
+        if short.endswith("_initialized") or short == "optimizer_step":
+            continue
+        if any(short.endswith(s) for s in ("_scale", "_offset")):
+            params[weight.name] = np.asarray(weight.numpy()).tolist()
+    return params
+
+
+class QuantizerSummaries(keras.callbacks.Callback):
+    """Writes every quantizer scale/offset to TensorBoard after each epoch (scalars for
+    per-tensor values, histograms for per-channel ones)."""
+
+    def __init__(self, log_dir):
+        super().__init__()
+        self.writer = tf.summary.create_file_writer(os.path.join(log_dir, "quantizers"))
+
+    def on_epoch_end(self, epoch, logs=None):
+        with self.writer.as_default():
+            for weight in self.model.weights:
+                short = weight.name.split("/")[-1].split(":")[0]
+                if not any(short.endswith(s) for s in ("_scale", "_offset")):
+                    continue
+                value = weight.numpy()
+                name = weight.name.split(":")[0]
+                if np.ndim(value) == 0:
+                    tf.summary.scalar(name, float(value), step=epoch)
+                else:
+                    tf.summary.histogram(name, value, step=epoch)
+        self.writer.flush()
+
+
+def _dataset(name, split, batch_size, limit, seed):
+    return tfq_data.load(name, split, batch_size=batch_size, limit=limit, seed=seed)
+
+
+def float_model(dataset="fashion_mnist", model="mobile_swish", epochs=3, batch_size=128,
+                learning_rate=2e-3, seed=0, limit=None, cache_dir=None, verbose=1):
+    """Train a float model with a fixed recipe, or load it from ``cache_dir`` if present."""
+    keras.utils.set_random_seed(seed)
+    cache_path = None
+    if cache_dir:
+        os.makedirs(cache_dir, exist_ok=True)
+        tag = f"{dataset}_{model}_e{epochs}_b{batch_size}_lr{learning_rate}_s{seed}_n{limit or 'all'}"
+        cache_path = os.path.join(cache_dir, f"{tag}.h5")
+        if os.path.exists(cache_path):
+            with quantize_scope():
+                return keras.models.load_model(cache_path, compile=False), cache_path
+    net = tfq_models.get(model, input_shape=tfq_data.INPUT_SHAPE[dataset],
+                         num_classes=tfq_data.NUM_CLASSES[dataset], seed=seed)
+    train = _dataset(dataset, "train", batch_size, limit, seed)
+    compile_model(net, learning_rate, steps=epochs * int(train.cardinality()))
+    net.fit(train, epochs=epochs, verbose=verbose)
+    if cache_path:
+        net.save(cache_path)
+    return net, cache_path
+
+
+def evaluate(model, dataset, batch_size=256, limit=None):
+    test = tfq_data.load(dataset, "test", batch_size=batch_size, limit=limit)
+    if not model.optimizer:
+        compile_model(model, 1e-3)
+    _, acc = model.evaluate(test, verbose=0)
+    return float(acc)
+
+
+def finetune(model, dataset, epochs, batch_size=128, learning_rate=5e-4, seed=0, limit=None,
+             log_dir=None, verbose=1, callbacks=()):
+    """Fine-tune ``model`` (float or quantized) with the shared budget; returns epoch seconds."""
+    keras.utils.set_random_seed(seed)
+    train = _dataset(dataset, "train", batch_size, limit, seed)
+    compile_model(model, learning_rate, steps=max(1, epochs * int(train.cardinality())))
+    timer = EpochTimer()
+    cbs = [timer, *callbacks]
+    if log_dir:
+        cbs += [keras.callbacks.TensorBoard(log_dir, update_freq="epoch", profile_batch=0),
+                QuantizerSummaries(log_dir)]
+    model.fit(train, epochs=epochs, verbose=verbose, callbacks=cbs)
+    return timer.seconds
+
+
+def machine_info():
+    import ai_edge_litert
+    import tensorflow_model_optimization as tfmot
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "tensorflow": tf.__version__, "tfmot": tfmot.__version__,
+            "litert": getattr(ai_edge_litert, "__version__", "unknown"), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def run(run_dir, dataset="fashion_mnist", model="mobile_swish", method="lsq+", weight_bits=4,
+        activation_bits=4, float_epochs=3, epochs=2, batch_size=128, learning_rate=5e-4, seed=0,
+        limit=None, cache_dir=None, verbose=1, **method_options):
+    """The main job (see module docstring). Returns the metrics dict."""
+    os.makedirs(run_dir, exist_ok=True)
+    start = time.perf_counter()
+    net, cache_path = float_model(dataset, model, float_epochs, batch_size, seed=seed, limit=limit,
+                                  cache_dir=cache_dir or os.path.join(run_dir, "cache"), verbose=verbose)
+    float_acc = evaluate(net, dataset)
+    net.save(os.path.join(run_dir, "float.h5"))
+    q = quantize_model(net, method, weight_bits=weight_bits, activation_bits=activation_bits, **method_options)
+    seconds = finetune(q, dataset, epochs, batch_size, learning_rate, seed, limit,
+                       log_dir=os.path.join(run_dir, "logs"), verbose=verbose)
+    quant_acc = evaluate(q, dataset)
+    q.save(os.path.join(run_dir, "quantized.h5"))
+    metrics = {
+        "dataset": dataset, "model": model, "method": method, "weight_bits": weight_bits,
+        "activation_bits": activation_bits, "method_options": method_options, "float_epochs": float_epochs,
+        "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed,
+        "limit": limit, "float_checkpoint": cache_path, "float_accuracy": float_acc,
+        "quantized_accuracy": quant_acc, "epoch_seconds": seconds,
+        "total_seconds": time.perf_counter() - start, "quantizers": quantizer_parameters(q),
+        "machine": machine_info(),
+    }
+    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    return metrics
