@@ -51,7 +51,8 @@ def main(argv=None):
     parser.add_argument("--bits", default="4,3,2")
     parser.add_argument("--configs", default="1,2,3,4")
     parser.add_argument("--learning_rate", type=float, default=5e-4)
-    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--limit", type=int, default=None,
+                        help="fine-tune on the first N training examples only (quick runs; protocol: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.path.join(RESULTS, "lsq.json"))
     args = parser.parse_args(argv)
@@ -70,7 +71,7 @@ def main(argv=None):
     float_epoch = None
     for method, bits, options in variants:
         net, ckpt = train.float_model("fashion_mnist", args.model, args.float_epochs, seed=args.seed,
-                                      limit=args.limit, cache_dir=CACHE, verbose=0)
+                                      cache_dir=CACHE, verbose=0)  # float: always the full train split
         row = {"method": method, "weight_bits": bits, "activation_bits": bits, "options": options}
         try:
             if method == "float":

@@ -29,13 +29,16 @@ L = keras.layers
 # helpers
 # ------------------------------------------------------------------------------------------------
 
-def _convert(model, per_tensor_dense=False, float_io=False, seed=0):
-    shape = tuple(model.input_shape[1:])
+def _convert(model, per_tensor_dense=False, float_io=False, seed=0, ranges=None):
+    """Full-integer PTQ; ``ranges[i]`` is the half-width of the uniform calibration data of input i."""
+    shapes = [tuple(s[1:]) for s in (model.input_shape if isinstance(model.input_shape, list)
+                                     else [model.input_shape])]
+    ranges = ranges or [1.0] * len(shapes)
 
     def representative():
         rng = np.random.default_rng(seed)
         for _ in range(24):
-            yield [rng.uniform(-1.0, 1.0, (1,) + shape).astype(np.float32)]
+            yield [rng.uniform(-r, r, (1,) + sh).astype(np.float32) for sh, r in zip(shapes, ranges)]
 
     conv = tf.lite.TFLiteConverter.from_keras_model(model)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -50,62 +53,119 @@ def _convert(model, per_tensor_dense=False, float_io=False, seed=0):
 
 
 def _interpreter(tflite_bytes, reference=True):
-    kwargs = {"experimental_op_resolver_type": OpResolverType.BUILTIN_REF} if reference else {}
+    kwargs = {"experimental_op_resolver_type": OpResolverType.BUILTIN_REF,
+              "experimental_preserve_all_tensors": True} if reference else {}
     it = Interpreter(model_content=tflite_bytes, **kwargs)
     it.allocate_tensors()
     return it
 
 
+def _invoke(it, xs, k):
+    for d, x in zip(it.get_input_details(), xs):
+        it.set_tensor(d["index"], x[k:k + 1])
+    it.invoke()
+
+
 def _run_tflite(it, xs):
-    """Run batch-1 TFLite on each sample of xs; returns the stacked output."""
-    inp, out = it.get_input_details()[0], it.get_output_details()[0]
-    ys = []
-    for x in xs:
-        it.set_tensor(inp["index"], x[None])
-        it.invoke()
-        ys.append(it.get_tensor(out["index"])[0].copy())
-    return np.stack(ys)
+    """Run batch-1 TFLite on each sample of the inputs ``xs`` (one [N, ...] array per model input);
+    returns one stacked [N, ...] array per model output."""
+    outs = it.get_output_details()
+    ys = [[] for _ in outs]
+    for k in range(len(xs[0])):
+        _invoke(it, xs, k)
+        for y, d in zip(ys, outs):
+            y.append(it.get_tensor(d["index"])[0].copy())
+    return [np.stack(y) for y in ys]
 
 
 def _inputs(it, n, rng):
-    """Half full-range random int8, half quantized uniform(-1, 1) floats (or floats for float io)."""
-    inp = it.get_input_details()[0]
-    shape = tuple(inp["shape"][1:])
-    if inp["dtype"] == np.float32:
-        return rng.uniform(-1.5, 1.5, (n,) + shape).astype(np.float32)
-    scale, zp = inp["quantization"]
-    full = rng.integers(-128, 128, (n - n // 2,) + shape).astype(np.int8)
-    real = np.clip(np.round(rng.uniform(-1, 1, (n // 2,) + shape) / scale) + zp, -128, 127).astype(np.int8)
-    return np.concatenate([full, real])
+    """One [n, ...] array per model input: half full-range random int8, half quantized
+    uniform(-1, 1) values (uniform floats for a float input)."""
+    xs = []
+    for inp in it.get_input_details():
+        shape = tuple(inp["shape"][1:])
+        if inp["dtype"] == np.float32:
+            xs.append(rng.uniform(-1.5, 1.5, (n,) + shape).astype(np.float32))
+            continue
+        scale, zp = inp["quantization"]
+        full = rng.integers(-128, 128, (n - n // 2,) + shape).astype(np.int8)
+        real = np.clip(np.round(rng.uniform(-1, 1, (n // 2,) + shape) / scale) + zp, -128, 127)
+        xs.append(np.concatenate([full, real.astype(np.int8)]))
+    return xs
 
 
-def _xnnpack_report(name, ref, xnn, out_detail):
-    if out_detail["dtype"] == np.float32:
-        scale = max(float(np.abs(ref).max()), 1e-12) / 127.0
-        diff = np.abs(ref.astype(np.float64) - xnn.astype(np.float64)) / scale
-    else:
-        diff = np.abs(ref.astype(np.int64) - xnn.astype(np.int64))
-    frac1 = float(np.mean(diff >= 0.5))
-    print(f"\n[xnnpack vs reference] {name}: {frac1:.2%} of outputs differ, max {float(diff.max()):.2f} steps")
-    return frac1
+def _output_steps(graph):
+    """One output quantum per model output: 1 for int8, the DEQUANTIZE input scale for float."""
+    steps = []
+    for t in graph.outputs:
+        if graph.tensors[t].dtype == "int8":
+            steps.append(1.0)
+        else:
+            deq = next(op for op in graph.ops if op["outputs"] == [t] and op["op"] == "DEQUANTIZE")
+            steps.append(graph.tensors[deq["inputs"][0]].s)
+    return steps
 
 
-def _check_exact(name, tflite_bytes, expect_ops=(), n=6, seed=0):
+def _xnnpack_report(name, refs, xnns, steps):
+    """Print how often the default (XNNPACK) resolver differs from the reference kernels."""
+    diff = np.concatenate([np.abs(r.astype(np.float64) - x.astype(np.float64)).ravel() / step
+                           for r, x, step in zip(refs, xnns, steps)])
+    frac = float(np.mean(diff >= 0.5))
+    one = float(np.mean((diff >= 0.5) & (diff < 1.5)))
+    print(f"\n[xnnpack vs reference] {name}: {frac:.2%} of {diff.size} outputs differ, {one:.2%} by "
+          f"one step, max {float(diff.max()):.0f} steps")
+    return frac
+
+
+def _assert_all_tensors_equal(name, graph, ref_it, xs):
+    """Every int8/float32 tensor produced by an op equals the reference interpreter's, per sample.
+    The graph runs the whole batch at once, the interpreter one sample at a time."""
+    env = graph.run(xs if len(xs) > 1 else xs[0], return_tensors=True)
+    checked = 0
+    for k in range(len(xs[0])):
+        _invoke(ref_it, xs, k)
+        for idx, op in enumerate(graph.ops):
+            for t in op["outputs"]:
+                if graph.tensors[t].dtype not in ("int8", "float32"):
+                    continue  # int32 shape arithmetic depends on the batch size
+                ref = ref_it.get_tensor(t)
+                mine = env[t][k:k + 1].reshape(ref.shape)
+                if mine.dtype != ref.dtype or not np.array_equal(mine, ref):
+                    bad = np.argwhere(mine != ref)
+                    pytest.fail(
+                        f"{name}: op #{idx} {op['op']} output tensor {t} differs from BUILTIN_REF on sample "
+                        f"{k} at {len(bad)} of {ref.size} values (first {bad[:3].tolist()}: ref "
+                        f"{ref[tuple(bad[0])]}, got {mine[tuple(bad[0])]})")
+                checked += 1
+    assert checked > 0
+    return env
+
+
+def _check_exact(name, tflite_bytes, expect_ops=(), n=6, seed=0, xs=None):
     graph = IntegerGraph.from_tflite(tflite_bytes)
     op_names = {op["op"] for op in graph.ops}
     missing = set(expect_ops) - op_names
     assert not missing, f"{name}: converter did not emit {missing}; graph has {sorted(op_names)}"
     ref_it = _interpreter(tflite_bytes, reference=True)
-    xs = _inputs(ref_it, n, np.random.default_rng(seed))
-    ref = _run_tflite(ref_it, xs)
-    mine = graph.run(xs)  # the whole batch at once
-    assert mine.dtype == ref.dtype and mine.shape == ref.shape, (mine.dtype, ref.dtype, mine.shape, ref.shape)
-    if not np.array_equal(mine, ref):
-        bad = np.argwhere(mine != ref)
-        pytest.fail(f"{name}: IntegerGraph differs from BUILTIN_REF at {len(bad)} of {ref.size} outputs "
-                    f"(first {bad[:3].tolist()}, ref {ref[tuple(bad[0])]}, got {mine[tuple(bad[0])]})")
+    rng = np.random.default_rng(seed)
+    xs = xs if xs is not None else _inputs(ref_it, n, rng)
+    if xs[0].dtype == np.float32:
+        # put half of the float samples exactly on half steps of the input QUANTIZE: ties must round
+        # away from zero like TfLiteRound
+        q = next(op for op in graph.ops if op["op"] == "QUANTIZE" and op["inputs"][0] == graph.inputs[0])
+        step = np.float32(graph.tensors[q["outputs"][0]].s)
+        half = (rng.integers(-120, 120, xs[0][n // 2:].shape) + 0.5).astype(np.float32)
+        xs[0][n // 2:] = half * step
+    refs = _run_tflite(ref_it, xs)
+    mine = graph.run(xs if len(xs) > 1 else xs[0])
+    mine = mine if isinstance(mine, list) else [mine]
+    assert len(mine) == len(refs)
+    for j, (m, r) in enumerate(zip(mine, refs)):
+        assert m.dtype == r.dtype and m.shape == r.shape, (j, m.dtype, r.dtype, m.shape, r.shape)
+        np.testing.assert_array_equal(m, r, err_msg=f"{name}: output {j} differs from BUILTIN_REF")
+    _assert_all_tensors_equal(name, graph, ref_it, xs)
     xnn_it = _interpreter(tflite_bytes, reference=False)
-    _xnnpack_report(name, ref, _run_tflite(xnn_it, xs), xnn_it.get_output_details()[0])
+    _xnnpack_report(name, refs, _run_tflite(xnn_it, xs), _output_steps(graph))
     return graph
 
 
@@ -148,9 +208,16 @@ def _depthwise():
 def _dense():
     i = L.Input((6, 6, 2))
     x = L.Flatten()(i)
-    x = L.Dense(24, activation="relu", bias_initializer=_BIAS)(x)
-    x = L.Dense(10, bias_initializer=_BIAS)(x)
+    x = L.Dense(128, activation="relu", bias_initializer=_BIAS)(x)
+    x = L.Dense(32, bias_initializer=_BIAS)(x)
     return keras.Model(i, x)
+
+
+def _dense_narrow():
+    """Small fan-in: large requantization multipliers (shift ~ -3), where the rounding of the
+    FULLY_CONNECTED output stage is visible on many outputs."""
+    i = L.Input((3,))
+    return keras.Model(i, L.Dense(256, bias_initializer=_BIAS)(i))
 
 
 def _residual():
@@ -186,7 +253,11 @@ def _concat_pool():
     x = L.AveragePooling2D(2, padding="valid")(x)
     x = L.Conv2D(4, 1)(x)
     x = L.GlobalAveragePooling2D()(x)
-    return keras.Model(i, x)
+    # pooling straight on the (full-range, signed) input exercises negative sums and padding
+    p1 = L.AveragePooling2D(3, strides=2, padding="same")(i)
+    p2 = L.MaxPool2D(3, strides=2, padding="same")(i)
+    p3 = L.GlobalAveragePooling2D(keepdims=True)(i)
+    return keras.Model(i, [x, p1, p2, p3])
 
 
 def _reshape_pad():
@@ -227,6 +298,8 @@ CASES = {
     "depthwise_dm1_dm2": (_depthwise, {}, ["DEPTHWISE_CONV_2D"]),
     "dense_per_channel": (_dense, {}, ["FULLY_CONNECTED"]),
     "dense_per_tensor": (_dense, {"per_tensor_dense": True}, ["FULLY_CONNECTED"]),
+    "dense_narrow_per_channel": (_dense_narrow, {}, ["FULLY_CONNECTED"]),
+    "dense_narrow_per_tensor": (_dense_narrow, {"per_tensor_dense": True}, ["FULLY_CONNECTED"]),
     "residual_add_sub": (_residual, {}, ["ADD", "SUB"]),
     "squeeze_excite": (_squeeze_excite, {}, ["MUL", "MEAN", "LOGISTIC", "FULLY_CONNECTED"]),
     "concat_pool": (_concat_pool, {}, ["CONCATENATION", "MAX_POOL_2D", "AVERAGE_POOL_2D", "MEAN"]),
@@ -243,7 +316,7 @@ def test_matches_reference_kernels(name):
     builder, kwargs, expect = CASES[name]
     keras.utils.set_random_seed(0)
     tflite_bytes = _convert(builder(), **kwargs)
-    _check_exact(name, tflite_bytes, expect_ops=expect)
+    _check_exact(name, tflite_bytes, expect_ops=expect, n=64 if name.startswith("dense") else 6)
 
 
 def test_dense_per_tensor_weights_are_per_tensor():
@@ -253,12 +326,45 @@ def test_dense_per_tensor_weights_are_per_tensor():
     assert fcs and all(graph.tensors[op["inputs"][1]].scale.size == 1 for op in fcs)
 
 
+def test_unary_ops_exhaustive():
+    """HARD_SWISH, LOGISTIC, TANH, RELU6, LEAKY_RELU on all 256 int8 inputs."""
+    keras.utils.set_random_seed(0)
+    i = L.Input((256,))
+    outs = [L.Lambda(lambda v: v * tf.nn.relu6(v + 3.0) / 6.0)(i), L.Activation("sigmoid")(i),
+            L.Activation("tanh")(i), L.ReLU(6.0)(i), L.LeakyReLU(0.3)(i)]
+    b = _convert(keras.Model(i, outs), ranges=[4.0])
+    x = np.arange(-128, 128, dtype=np.int8)[None]
+    _check_exact("unary_exhaustive", b, ["HARD_SWISH", "LOGISTIC", "TANH", "RELU6", "LEAKY_RELU"], xs=[x])
+
+
+def test_binary_ops_exhaustive():
+    """ADD, SUB, MUL on all 65,536 int8 pairs, inputs with different scales and zero points."""
+    keras.utils.set_random_seed(0)
+    a, c = L.Input((256, 256)), L.Input((256, 256))
+    model = keras.Model([a, c], [L.Add()([a, c]), L.Subtract()([a, c]), L.Multiply()([a, c])])
+    b = _convert(model, ranges=[1.0, 3.0])
+    grid = np.arange(-128, 128, dtype=np.int8)
+    x1 = np.broadcast_to(grid[:, None], (256, 256))[None].copy()
+    x2 = np.broadcast_to(grid[None, :], (256, 256))[None].copy()
+    graph = _check_exact("binary_exhaustive", b, ["ADD", "SUB", "MUL"], xs=[x1, x2])
+    scales = {graph.tensors[t].s for t in graph.inputs}
+    assert len(scales) == 2, "the two inputs should have different scales"
+
+
 @pytest.mark.slow
 def test_mobilenet_v3_small_matches_reference_kernels():
+    """A whole MobileNetV3-Small (hard-swish, squeeze-excite, residual adds; ~100 ops, ~25 s)."""
     keras.utils.set_random_seed(0)
-    model = keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), weights=None, classes=10,
-                                                include_preprocessing=False)
-    _check_exact("mobilenet_v3_small", _convert(model), expect_ops=["HARD_SWISH", "MUL"], n=4)
+    model = keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), weights=None, include_top=False,
+                                                pooling="avg", include_preprocessing=False)
+    # Untrained statistics make the activations collapse to scales ~1e-8; random BN keeps them alive.
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            g, b, m, v = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 1.5, g.shape), rng.normal(0, 0.2, b.shape),
+                               np.zeros_like(m), rng.uniform(0.025, 0.1, v.shape)])
+    _check_exact("mobilenet_v3_small", _convert(model), expect_ops=["HARD_SWISH", "MUL", "ADD", "MEAN"], n=4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,8 +455,8 @@ def test_save_load_round_trip(tmp_path, activations_graph):
         assert np.array_equal(loaded.tensors[k].scale, t.scale) and loaded.tensors[k].scale.dtype == np.float32
     it = _interpreter(tflite_bytes)
     xs = _inputs(it, 4, np.random.default_rng(5))
-    np.testing.assert_array_equal(loaded.run(xs), graph.run(xs))
-    np.testing.assert_array_equal(loaded.run(xs), _run_tflite(it, xs))
+    np.testing.assert_array_equal(loaded.run(xs[0]), graph.run(xs[0]))
+    np.testing.assert_array_equal(loaded.run(xs[0]), _run_tflite(it, xs)[0])
 
 
 def test_run_rejects_float_input_for_int8_model(activations_graph):

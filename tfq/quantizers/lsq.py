@@ -55,21 +55,16 @@ def lsq_fake_quant(x, scale, offset, qmin, qmax, grad_scale):
     @tf.custom_gradient
     def _fq(x, s, b):
         v = (x - b) / s
-        v_clipped = tf.clip_by_value(v, qmin, qmax)
-        codes = tf.round(v_clipped)
+        codes = tf.round(tf.clip_by_value(v, qmin, qmax))
         out = codes * s + b
 
         def grad(dy):
-            below = v < qmin
-            above = v > qmax
-            inside = tf.logical_not(tf.logical_or(below, above))
-            dx = tf.where(inside, dy, tf.zeros_like(dy))
-            ds_local = tf.where(below, qmin * tf.ones_like(v),
-                                tf.where(above, qmax * tf.ones_like(v), codes - v))
-            db_local = tf.where(inside, tf.zeros_like(v), tf.ones_like(v))
-            ds = base.reduce_to_shape(dy * ds_local, s) * grad_scale
-            db = base.reduce_to_shape(dy * db_local, b) * grad_scale
-            return dx, tf.reshape(ds, tf.shape(s)), tf.reshape(db, tf.shape(b))
+            # inside [n, p]: dx = dy, ds = round(v) - v, dbeta = 0; outside: dx = 0,
+            # ds = n or p (= the clipped code), dbeta = 1. One mask serves all three.
+            inside = tf.cast(tf.logical_and(v >= qmin, v <= qmax), dy.dtype)
+            ds = base.reduce_to_shape(dy * (codes - v * inside), s) * grad_scale
+            db = base.reduce_to_shape(dy * (1.0 - inside), b) * grad_scale
+            return dy * inside, tf.reshape(ds, tf.shape(s)), tf.reshape(db, tf.shape(b))
 
         return out, grad
 
