@@ -12,27 +12,27 @@ def coverage_model():
     """Every layer type the foundation issue lists, in one Functional graph."""
     inp = keras.Input((16, 16, 3))
     x = keras.layers.Rescaling(2.0, offset=-1.0)(inp)
-    x = keras.layers.ZeroPadding2D(1)(x)
-    x = keras.layers.Conv2D(8, 3, use_bias=False)(x)
-    x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.ReLU(6.0)(x)
-    x = keras.layers.SeparableConv2D(8, 3, padding="same", activation="relu")(x)
-    y = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=1)(x)
-    y = keras.layers.BatchNormalization()(y)
+    x = keras.layers.ZeroPadding2D(1, name="pad")(x)
+    x = keras.layers.Conv2D(8, 3, use_bias=False, name="stem")(x)
+    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    x = keras.layers.ReLU(6.0, name="stem_relu")(x)
+    x = keras.layers.SeparableConv2D(8, 3, padding="same", activation="relu", name="sep")(x)
+    y = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=1, name="dw")(x)
+    y = keras.layers.BatchNormalization(name="dw_bn")(y)
     y = keras.layers.Activation("swish")(y)
     se = keras.layers.GlobalAveragePooling2D(keepdims=True)(y)
     se = keras.layers.Conv2D(8, 1, activation="sigmoid")(se)
     y = keras.layers.Multiply()([y, se])
     x = keras.layers.Add()([x, y])
     z = keras.layers.AveragePooling2D()(x)
-    w = keras.layers.MaxPooling2D()(x)
+    w = keras.layers.MaxPooling2D(name="maxpool")(x)
     x = keras.layers.Concatenate()([z, w])
     x = keras.layers.Conv2D(8, 1, activation="relu")(x)
     x = x * 0.5 + 1.0  # TFOpLambda arithmetic, as keras.applications models hold
-    x = keras.layers.Flatten()(x)
-    x = keras.layers.Dropout(0.2)(x)
-    x = keras.layers.Reshape((-1,))(x)
-    out = keras.layers.Dense(5)(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dropout(0.2, name="dropout")(x)
+    x = keras.layers.Reshape((-1,), name="reshape")(x)
+    out = keras.layers.Dense(5, name="logits")(x)
     return keras.Model(inp, out)
 
 
@@ -54,26 +54,26 @@ def test_layer_coverage_and_placement():
     assert y.shape == (4, 5) and np.all(np.isfinite(y))
     cfgs = quantizers_of(q)
     # first and last weighted layers at 8 bits, the others at weight_bits
-    assert cfgs["conv2d"].weight_quantizers["kernel"].bits == 8
-    assert cfgs["dense"].weight_quantizers["kernel"].bits == 8
-    assert cfgs["separable_conv2d_depthwise"].weight_quantizers["depthwise_kernel"].bits == 3
-    assert cfgs["depthwise_conv2d"].weight_quantizers["depthwise_kernel"].per_axis == (2, 3)
+    assert cfgs["stem"].weight_quantizers["kernel"].bits == 8
+    assert cfgs["logits"].weight_quantizers["kernel"].bits == 8
+    assert cfgs["sep_depthwise"].weight_quantizers["depthwise_kernel"].bits == 3
+    assert cfgs["dw"].weight_quantizers["depthwise_kernel"].per_axis == (2, 3)
     # Conv -> BN -> ReLU6 fuses: conv and BN outputs are not held, ReLU output is
-    assert cfgs["conv2d"].output_quantizer is None
-    assert "batch_normalization" not in cfgs
-    relu_q = cfgs["re_lu"].output_quantizer
+    assert cfgs["stem"].output_quantizer is None
+    assert "stem_bn" not in cfgs
+    relu_q = cfgs["stem_relu"].output_quantizer
     assert relu_q.bits == 2 and relu_q.signed and relu_q.learn_offset  # config 3 feeds a conv
     # swish input (BN output) is held at 8 bits, intermediate
-    assert cfgs["batch_normalization_1"].output_quantizer.bits == 8
+    assert cfgs["dw_bn"].output_quantizer.bits == 8
     # the activation split out of the separable conv feeds the depthwise conv and the Add
-    assert cfgs["separable_conv2d_activation"].output_quantizer.bits == 8
+    assert cfgs["sep_activation"].output_quantizer.bits == 8
     # the input is quantized at 8 bits by a tfmot QuantizeLayer
     assert any(type(l).__name__ == "QuantizeLayer" for l in q.layers)
     # value-preserving layers hold no quantizer
-    for name in ("flatten", "dropout", "reshape", "max_pooling2d", "zero_padding2d"):
+    for name in ("flatten", "dropout", "reshape", "maxpool", "pad"):
         assert name not in cfgs
     # the logits are held at 8 bits
-    assert cfgs["dense"].output_quantizer.bits == 8
+    assert cfgs["logits"].output_quantizer.bits == 8
 
 
 def test_sequential_and_activation_argument_are_split_exactly():
