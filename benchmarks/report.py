@@ -18,7 +18,9 @@ def _fmt(value, spec):
 
 
 def lsq_table(results):
-    rows = ["| variant | W/A bits | Keras test acc. | Δ vs float (pt) | epoch s (median 2..E) | × float epoch |",
+    epochs = results["protocol"]["epochs"]
+    epoch_col = "epoch s (median 2..E)" if epochs > 1 else "epoch s (1 epoch, incl. tracing)"
+    rows = [f"| variant | W/A bits | Keras test acc. | Δ vs float (pt) | {epoch_col} | × float epoch |",
             "|---|---|---|---|---|---|"]
     float_acc = next((v.get("keras_accuracy") for v in results["variants"] if v["method"] == "float"), None)
     for v in results["variants"]:
@@ -37,7 +39,8 @@ def lsq_table(results):
     rows.append("")
     rows.append(f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), TensorFlow {m['tensorflow']}, "
                 f"tfmot {m['tfmot']}; command: `{results['command']}`; fine-tuning epochs: "
-                f"{results['protocol']['epochs']}, float epochs: {results['protocol']['float_epochs']}.")
+                f"{results['protocol']['epochs']}, float epochs: {results['protocol']['float_epochs']}, "
+                f"fine-tuning examples: {results['protocol'].get('limit') or 'all 60000'}.")
     return "\n".join(rows)
 
 
