@@ -861,11 +861,16 @@ def _k_conv2d(graph, idx, op, args):
             for g in range(groups):
                 acc[..., g * per_group:(g + 1) * per_group] += (
                     patch[..., g * cin_f:(g + 1) * cin_f] @ wf[g * per_group:(g + 1) * per_group, ky, kx, :].T)
+    return [_conv_output(graph, idx, op, acc, b, cout, tout)]
+
+
+def _conv_output(graph, idx, op, acc, bias, cout, tout):
+    """Shared tail of CONV_2D and DEPTHWISE_CONV_2D: int32 bias, per-channel requantisation."""
     acc = acc.astype(np.int64)
-    if b is not None:
-        acc = acc + _i64(b)
+    if bias is not None:
+        acc = acc + _i64(bias)
     mult, shift, (lo, hi) = _conv_multipliers(graph, idx, op, cout)
-    return [_output_stage(acc, mult, shift, tout.z, lo, hi)]
+    return _output_stage(acc, mult, shift, tout.z, lo, hi)
 
 
 @_kernel("DEPTHWISE_CONV_2D")
@@ -888,11 +893,7 @@ def _k_depthwise(graph, idx, op, args):
     acc = np.zeros((n, oh, ow, cout), np.float64)
     for ky, kx, patch in _taps(xp, kh, kw, sh, sw, dh, dw, oh, ow):
         acc += patch * wf[0, ky, kx, :]
-    acc = acc.astype(np.int64)
-    if b is not None:
-        acc = acc + _i64(b)
-    mult, shift, (lo, hi) = _conv_multipliers(graph, idx, op, cout)
-    return [_output_stage(acc, mult, shift, tout.z, lo, hi)]
+    return [_conv_output(graph, idx, op, acc, b, cout, tout)]
 
 
 @_kernel("FULLY_CONNECTED")
