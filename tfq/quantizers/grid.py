@@ -70,7 +70,7 @@ class UniformGrid:
         zp8 = self.zero_point - shift
         return self.scale, zp8, self.qmin - shift, self.qmax - shift
 
-    def quantize(self, x: np.ndarray, channel_shape=None) -> np.ndarray:
+    def quantize(self, x: np.ndarray) -> np.ndarray:
         """Integer codes of ``x`` (NumPy reference, round half to even like ``tf.round``)."""
         s, z = self._broadcast(x)
         return np.clip(np.round(x / s) + z, self.qmin, self.qmax).astype(np.int64)
