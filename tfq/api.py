@@ -10,6 +10,7 @@ from tensorflow_model_optimization.python.core.quantization.keras import quantiz
 
 from tfq import graph, schemes
 from tfq._keras import check_keras2_model
+from tfq.quantizers import base as qbase
 
 
 def quantize_model(model, method="lsq+", **options):
@@ -56,18 +57,12 @@ def quantize_scope():
 
 def custom_objects():
     """Every class and function tfq models may hold, by the names their configs use."""
-    import importlib
-
+    import tfq.models  # noqa: F401  (registers hard_swish with Keras serialisation)
+    import tfq.quantizers  # noqa: F401  (every method module registers its quantizers)
     from tfq import configs
-    from tfq.quantizers import base
-    objects = {cls.__name__: cls for cls in base._REGISTRY.values()}
+    objects = {cls.__name__: cls for cls in qbase._REGISTRY.values()}
     objects["LayerQuantizeConfig"] = configs.LayerQuantizeConfig
-    objects["PositiveConstraint"] = base.PositiveConstraint
-    try:
-        models = importlib.import_module("tfq.models")
-        objects.update({name: getattr(models, name) for name in getattr(models, "CUSTOM_OBJECTS", ())})
-    except ModuleNotFoundError:
-        pass
+    objects["PositiveConstraint"] = qbase.PositiveConstraint
     objects.update({f"tfq>{name}": obj for name, obj in list(objects.items())})
     return objects
 
@@ -93,14 +88,9 @@ def calibrate(model, data, steps=1):
         batches = [tf.convert_to_tensor(data)]
     if not batches:
         raise ValueError("calibrate: data is empty")
-    keep = [(w, w.numpy()) for w in model.weights if not _is_quantizer_parameter(w)]
+    keep = [(w, w.numpy()) for w in model.weights if qbase.variable_role(w) is None]
     for x in batches:
         model(x, training=True)
     for w, value in keep:
         w.assign(value)
     return model
-
-
-def _is_quantizer_parameter(variable):
-    name = variable.name.split("/")[-1].split(":")[0]
-    return any(name.endswith(suffix) for suffix in ("_scale", "_offset", "_initialized"))

@@ -23,6 +23,9 @@ import tf_keras as keras
 from tfq import data as tfq_data
 from tfq import models as tfq_models
 from tfq.api import quantize_model, quantize_scope
+from tfq.quantizers import base as qbase
+
+LEARNED_ROLES = ("scale", "offset")
 
 
 def compile_model(model, learning_rate, steps=None):
@@ -50,14 +53,8 @@ class EpochTimer(keras.callbacks.Callback):
 
 def quantizer_parameters(model):
     """``{variable name: value}`` of every quantizer variable (scales, offsets, ...)."""
-    params = {}
-    for weight in model.weights:
-        short = weight.name.split("/")[-1].split(":")[0]
-        if short.endswith("_initialized") or short == "optimizer_step":
-            continue
-        if any(short.endswith(s) for s in ("_scale", "_offset")):
-            params[weight.name] = np.asarray(weight.numpy()).tolist()
-    return params
+    return {w.name: np.asarray(w.numpy()).tolist() for w in model.weights
+            if qbase.variable_role(w, LEARNED_ROLES)}
 
 
 class QuantizerSummaries(keras.callbacks.Callback):
@@ -71,8 +68,7 @@ class QuantizerSummaries(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         with self.writer.as_default():
             for weight in self.model.weights:
-                short = weight.name.split("/")[-1].split(":")[0]
-                if not any(short.endswith(s) for s in ("_scale", "_offset")):
+                if not qbase.variable_role(weight, LEARNED_ROLES):
                     continue
                 value = weight.numpy()
                 name = weight.name.split(":")[0]

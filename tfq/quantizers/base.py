@@ -106,6 +106,16 @@ def reduce_to_shape(grad, like):
     return tf.reduce_sum(grad, axis=axes, keepdims=True) if axes else grad
 
 
+#: name suffixes of the variables tfq quantizers create (``<tensor>_<role>``)
+VARIABLE_ROLES = ("scale", "offset", "initialized")
+
+
+def variable_role(variable, roles=VARIABLE_ROLES):
+    """The quantizer role (one of ``roles``) of a model variable, or None for other variables."""
+    short = variable.name.split("/")[-1].split(":")[0]
+    return next((role for role in roles if short.endswith(f"_{role}")), None)
+
+
 class PositiveConstraint(keras.constraints.Constraint):
     """Keeps a scale strictly positive after each optimizer step."""
 
