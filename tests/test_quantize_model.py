@@ -1,7 +1,6 @@
 """quantize_model / LSQScheme on whole models: layer coverage, placement, errors, save/load."""
 import numpy as np
 import pytest
-import tensorflow as tf
 import tf_keras as keras
 
 import tfq

@@ -87,10 +87,10 @@ def _replace_refs(obj, old, new):
     return obj
 
 
-def _redirect(config, old, new, skip):
+def _redirect(config, old, new):
+    """Every consumer of ``old``'s output (and the model outputs) now reads ``new``."""
     for layer_cfg in config["layers"]:
-        if layer_cfg["name"] != skip:
-            _replace_refs(layer_cfg["inbound_nodes"], old, new)
+        _replace_refs(layer_cfg["inbound_nodes"], old, new)
     _replace_refs(config["output_layers"], old, new)
 
 
@@ -147,7 +147,7 @@ class ConfigEdit:
         """Insert ``new_layer_cfg`` consuming ``layer_name``'s output; consumers follow it."""
         new_name = _unique(new_layer_cfg["name"], self.taken)
         new_layer_cfg["name"] = new_layer_cfg["config"]["name"] = new_name
-        _redirect(self.config, layer_name, new_name, skip=None)
+        _redirect(self.config, layer_name, new_name)
         new_layer_cfg["inbound_nodes"] = [[[layer_name, 0, 0, {}]]]
         layers = self.config["layers"]
         index = next(i for i, l in enumerate(layers) if l["name"] == layer_name)

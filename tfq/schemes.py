@@ -21,7 +21,6 @@ from __future__ import annotations
 from tensorflow_model_optimization.python.core.quantization.keras import (quantize_layout_transform,
                                                                           quantize_registry,
                                                                           quantize_scheme)
-from tensorflow_model_optimization.python.core.quantization.keras import quantize_layer
 import tf_keras as keras
 
 from tfq import configs, graph
