@@ -323,3 +323,13 @@ def _lsq_plain(weight_bits=4, activation_bits=4, first_last_bits=8, intermediate
 
 register_method("lsq+", LSQScheme)
 register_method("lsq", _lsq_plain)
+
+
+# --- N2UQ (n2uq.txt) -----------------------------------------------------------------------
+# (N2UQ section)
+
+# --- DDQ (ddq.txt) -------------------------------------------------------------------------
+# (DDQ section)
+
+# --- AdaQAT (adaqat.txt) -------------------------------------------------------------------
+# (AdaQAT section)

@@ -25,7 +25,9 @@ from tfq import models as tfq_models
 from tfq.api import quantize_model, quantize_scope
 from tfq.quantizers import base as qbase
 
-LEARNED_ROLES = ("scale", "offset")
+def learned_roles():
+    """Roles of quantizer variables worth reporting (all registered ones but the init flag)."""
+    return [role for role in qbase.VARIABLE_ROLES if role != "initialized"]
 
 
 def compile_model(model, learning_rate, steps=None):
@@ -54,7 +56,7 @@ class EpochTimer(keras.callbacks.Callback):
 def quantizer_parameters(model):
     """``{variable name: value}`` of every quantizer variable (scales, offsets, ...)."""
     return {w.name: np.asarray(w.numpy()).tolist() for w in model.weights
-            if qbase.variable_role(w, LEARNED_ROLES)}
+            if qbase.variable_role(w, learned_roles())}
 
 
 class QuantizerSummaries(keras.callbacks.Callback):
@@ -68,7 +70,7 @@ class QuantizerSummaries(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         with self.writer.as_default():
             for weight in self.model.weights:
-                if not qbase.variable_role(weight, LEARNED_ROLES):
+                if not qbase.variable_role(weight, learned_roles()):
                     continue
                 value = weight.numpy()
                 name = weight.name.split(":")[0]

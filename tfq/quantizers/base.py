@@ -106,14 +106,25 @@ def reduce_to_shape(grad, like):
     return tf.reduce_sum(grad, axis=axes, keepdims=True) if axes else grad
 
 
-#: name suffixes of the variables tfq quantizers create (``<tensor>_<role>``)
-VARIABLE_ROLES = ("scale", "offset", "initialized")
+#: name suffixes of the variables tfq quantizers create (``<tensor>_<role>``); method modules
+#: add theirs with ``register_variable_roles``
+VARIABLE_ROLES = ["scale", "offset", "initialized"]
 
 
-def variable_role(variable, roles=VARIABLE_ROLES):
-    """The quantizer role (one of ``roles``) of a model variable, or None for other variables."""
+def register_variable_roles(*roles):
+    """Declare the name suffixes of a method's quantizer variables (used by ``tfq.calibrate``,
+    reports and TensorBoard summaries to tell quantizer state from layer weights)."""
+    for role in roles:
+        if role not in VARIABLE_ROLES:
+            VARIABLE_ROLES.append(role)
+
+
+def variable_role(variable, roles=None):
+    """The quantizer role (one of ``roles``, default every registered one) of a model variable,
+    or None for other variables."""
     short = variable.name.split("/")[-1].split(":")[0]
-    return next((role for role in roles if short.endswith(f"_{role}")), None)
+    roles = VARIABLE_ROLES if roles is None else roles
+    return next((role for role in sorted(roles, key=len, reverse=True) if short.endswith(f"_{role}")), None)
 
 
 class PositiveConstraint(keras.constraints.Constraint):
@@ -207,6 +218,13 @@ class TFQQuantizer(tfmot_quantizers.Quantizer, HasIntegerGrid):
             raise UncalibratedError(
                 f"{what} {getattr(self, '_name', '')!r} ({type(self).__name__}) has not seen any data: "
                 "train the model or run tfq.calibrate(model, data) before exporting")
+
+    # --- costs -------------------------------------------------------------------------------
+    def effective_bits(self, weights):
+        """Bits per value this quantizer currently stores, as a float32 scalar tensor (read by
+        ``tfq.costs``). Fixed-precision quantizers return their ``bits``; mixed-precision ones
+        (DDQ gates, AdaQAT's ceil(N)) override it."""
+        return tf.constant(float(self._config["bits"]), tf.float32)
 
     # --- subclass interface ----------------------------------------------------------------
     def _build_variables(self, tensor_shape, name, layer):  # pragma: no cover
