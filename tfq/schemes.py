@@ -187,7 +187,8 @@ class TFQScheme(quantize_scheme.QuantizeScheme):
         for out in view.outputs:
             if view.type_name(out) in WEIGHTED:
                 last.add(out)
-            last |= reach([out], lambda n: view.producers[n])
+            else:
+                last |= reach([out], lambda n: view.producers[n])
         return first, last
 
     def _holds_output(self, view, name):

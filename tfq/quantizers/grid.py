@@ -88,18 +88,30 @@ class UniformGrid:
         return self.scale.reshape(shape), self.zero_point.reshape(shape)
 
 
+def _code_table(input_grid, to_output_code):
+    """int8 output code for each of the 256 int8 input codes of ``input_grid``."""
+    if input_grid is None:
+        raise ValueError("this grid has no input_grid: it describes weights, not an activation")
+    codes = np.arange(-128, 128)
+    real = input_grid.dequantize(codes - input_grid.to_int8_container()[1] + input_grid.zero_point)
+    return to_output_code(real).astype(np.int64)
+
+
 @dataclasses.dataclass(frozen=True)
 class ThresholdGrid:
     """Non-uniform input thresholds, uniform outputs (N2UQ activations).
 
     Output code ``k`` (``0..2^bits-1``) is taken for inputs ``> thresholds[k-1]``; its
-    real value is ``(k - out_zero_point) * out_scale``.
+    real value is ``(k - out_zero_point) * out_scale``. ``input_grid`` is the 8-bit grid of the
+    tensor the thresholds act on (the int8 pre-activation of the integer model); the training
+    forward thresholds values already on that grid, so ``code_table`` is exact.
     """
 
     thresholds: np.ndarray
     out_scale: float
     out_zero_point: int
     bits: int
+    input_grid: Optional[UniformGrid] = None
 
     def __post_init__(self):
         object.__setattr__(self, "thresholds", _frozen_array(self.thresholds, np.float64))
@@ -109,6 +121,8 @@ class ThresholdGrid:
                 f"got shape {self.thresholds.shape}")
         if np.any(np.diff(self.thresholds) < 0):
             raise ValueError("ThresholdGrid: thresholds must be non-decreasing")
+        if self.input_grid is not None and self.input_grid.axis is not None:
+            raise ValueError("ThresholdGrid: input_grid must be per tensor")
 
     def quantize(self, x: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.thresholds, x, side="left").astype(np.int64)
@@ -116,19 +130,27 @@ class ThresholdGrid:
     def dequantize(self, codes: np.ndarray) -> np.ndarray:
         return (codes - self.out_zero_point) * self.out_scale
 
+    def code_table(self) -> np.ndarray:
+        """Output code (``0..2^bits-1``) for each int8 input code ``-128..127``."""
+        return _code_table(self.input_grid, self.quantize)
+
 
 @dataclasses.dataclass(frozen=True)
 class CodebookGrid:
-    """Learned levels on an int8 grid (DDQ): ``real = levels_int8[index] * scale``.
+    """Learned levels on an int8 grid (DDQ): ``real = (levels_int8[index] - zero_point) * scale``.
 
-    ``levels_int8`` holds the ``2^bits`` effective levels (sorted, int8 values); ``scale`` is
-    per tensor or per channel along ``axis``.
+    ``levels_int8`` holds the ``2^bits`` effective levels (sorted int8 values; per channel along
+    ``axis`` when 2-D, channels first); weights use ``zero_point == 0``. For an activation,
+    ``input_grid`` is the 8-bit grid of the tensor it maps (as in ``ThresholdGrid``) and each
+    input maps to its nearest level.
     """
 
     levels_int8: np.ndarray
     scale: np.ndarray
     bits: int
     axis: Axis = None
+    zero_point: int = 0
+    input_grid: Optional[UniformGrid] = None
 
     def __post_init__(self):
         object.__setattr__(self, "levels_int8", _frozen_array(self.levels_int8, np.int64))
@@ -137,6 +159,18 @@ class CodebookGrid:
             raise ValueError("CodebookGrid: levels must be int8 values")
         if self.levels_int8.shape[-1] > 2 ** self.bits:
             raise ValueError(f"CodebookGrid: more than 2^{self.bits} levels")
+        if self.input_grid is not None and (self.axis is not None or self.levels_int8.ndim != 1):
+            raise ValueError("CodebookGrid: an activation codebook is per tensor")
+
+    def nearest_level_code(self, x: np.ndarray) -> np.ndarray:
+        """int8 code of the level nearest to each real ``x`` (per-tensor codebooks)."""
+        real = (self.levels_int8 - self.zero_point) * float(self.scale)
+        idx = np.argmin(np.abs(np.asarray(x)[..., None] - real), axis=-1)
+        return self.levels_int8[idx]
+
+    def code_table(self) -> np.ndarray:
+        """Output int8 code for each int8 input code ``-128..127`` (activations)."""
+        return _code_table(self.input_grid, self.nearest_level_code)
 
 
 @dataclasses.dataclass(frozen=True)
