@@ -44,7 +44,7 @@ def test_gradients_match_eq3_eq4_for_every_configuration(config, bits):
     signed, learn_offset = lsq.ACTIVATION_CONFIGS[config]
     n, p = lsq.qrange(bits, signed)
     s = 0.25
-    beta = -0.5 if learn_offset else 0.0  # a whole number of steps (integer zero point 2)
+    beta = -0.25 if learn_offset else 0.0  # a whole number of steps (integer zero point 1)
     # values below, inside (off the rounding midpoints) and above the range
     v = np.array([n - 3.3, n - 0.7, n + 0.2, (n + p) / 2 + 0.3, p - 0.4, p + 0.6, p + 5.1], np.float64)
     x = (v * s + beta).astype(np.float32).reshape(1, -1)
@@ -217,3 +217,20 @@ def test_serialisation_round_trip():
         again = keras.utils.deserialize_keras_object(cfg)
     assert again == q and again.qmin == -4 and again.qmax == 3
     assert tfq.quantizers.get("lsq", bits=2).bits == 2
+
+
+def test_integer_offset_keeps_zero_on_the_grid():
+    """z = clip(round(-beta/s), n, p): an offset beyond the range snaps to its end (int8 tensors
+    need real 0 representable); the gradient still reaches beta."""
+    q = lsq.LSQQuantizer(bits=2, signed=True, learn_offset=True)  # codes [-2, 1]
+    layer, weights = build(q, (1, 3))
+    weights["scale"].assign(0.25)
+    weights["offset"].assign(-1.0)  # zero point 4, outside [-2, 1]
+    weights["initialized"].assign(True)
+    x = tf.constant([[-1.0, 0.0, 0.3]])
+    with tf.GradientTape() as tape:
+        y = q(x, training=True, weights=weights)
+    # beta' = -z*s with z = 1: reals (c - 1) * 0.25 for c in [-2, 1] -> [-0.75, 0]
+    np.testing.assert_allclose(y.numpy(), [[-0.75, 0.0, 0.0]], atol=1e-7)
+    assert q.integer_grid(weights).zero_point == 1
+    assert tape.gradient(y, weights["offset"]) is not None

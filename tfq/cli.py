@@ -1,18 +1,23 @@
-"""Command line: ``tfq train ...`` (absl flags). Later commands (ptq, export, bench, report)
-register here as their issues land.
+"""Command line (absl flags):
 
-    tfq train --dataset=fashion_mnist --model=mobile_swish --method=lsq+ \\
-              --weight_bits=4 --activation_bits=4 --run_dir=runs/demo
+    tfq train  --dataset=fashion_mnist --model=mobile_swish --method=lsq+ \\
+               --weight_bits=4 --activation_bits=4 --run_dir=runs/demo
+    tfq export RUN_DIR --format=tflite|integer [--int4_weights]
+    tfq ptq    RUN_DIR_OR_MODEL --weight_bits=4 [--breakpoint=search --granularity=group ...]
+    tfq bench  MODEL.tflite [MODEL2.tflite ...] --target=host|aarch64|android [--threads=1]
 """
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-COMMANDS = ("train",)
+COMMANDS = ("train", "export", "ptq", "bench")
 
+# train
 flags.DEFINE_string("dataset", "fashion_mnist", "fashion_mnist or digits")
 flags.DEFINE_string("model", "mobile_swish", "small_cnn, mobile_swish or mobilenet_v2")
 flags.DEFINE_string("method", "lsq+", "quantization method (see tfq.schemes.methods())")
@@ -27,12 +32,37 @@ flags.DEFINE_integer("batch_size", 128, "batch size")
 flags.DEFINE_float("learning_rate", 5e-4, "fine-tuning learning rate (cosine decay)")
 flags.DEFINE_integer("seed", 0, "random seed")
 flags.DEFINE_integer("limit", None, "use only the first N training examples (quick runs)")
-flags.DEFINE_string("run_dir", "runs/latest", "output directory")
+flags.DEFINE_string("run_dir", "runs/latest", "output directory (train, ptq)")
 flags.DEFINE_string("cache_dir", None, "float checkpoint cache (default RUN_DIR/cache)")
+# export
+flags.DEFINE_enum("format", "tflite", ["tflite", "integer"], "export format")
+flags.DEFINE_bool("int4_weights", False, "also write a TFLite model storing <= 4-bit weights as INT4")
+flags.DEFINE_bool("evaluate", True, "export: evaluate Keras, TFLite and IntegerGraph on the test set")
+flags.DEFINE_integer("integer_limit", None, "export: IntegerGraph accuracy on the first N test examples")
+# ptq
+flags.DEFINE_enum("breakpoint", "search", ["gaussian", "laplacian", "search"], "PWLQ breakpoint rule")
+flags.DEFINE_enum("granularity", "channel", ["channel", "group"], "PWLQ pieces per output channel or group")
+flags.DEFINE_string("bias_correction", "true", "PWLQ bias correction: true, false, scale or exact")
+flags.DEFINE_enum("bits_mean", "piece", ["piece", "comp", "stor"], "what --weight_bits counts (PWLQ)")
+flags.DEFINE_enum("ptq_method", "pwlq", ["pwlq", "uniform"], "piecewise or uniform baseline")
+flags.DEFINE_integer("calibration_examples", 512, "ptq: training examples used for calibration")
+# bench
+flags.DEFINE_enum("target", "host", ["host", "aarch64", "android"], "where to measure latency")
+flags.DEFINE_integer("threads", 1, "bench: interpreter threads")
+flags.DEFINE_integer("runs", 50, "bench: timed runs")
+flags.DEFINE_integer("warmup", 5, "bench: warm-up runs")
+flags.DEFINE_bool("xnnpack", True, "bench: use the XNNPACK delegate")
+flags.DEFINE_string("serial", None, "bench android: adb device serial")
+flags.DEFINE_string("benchmark_binary", None, "bench android: TFLite benchmark_model binary "
+                    "(or $TFQ_BENCHMARK_MODEL)")
+flags.DEFINE_string("cpu_mask", None, "bench android: taskset CPU mask, e.g. f0")
+flags.DEFINE_bool("emulate", False, "bench aarch64 on x86: check outputs under qemu-user (no timings)")
+flags.DEFINE_string("json", None, "bench: also write the results as JSON here")
 
 
-def _train():
+def _train(args):
     from tfq import train
+    _no_args("train", args)
     options = {}
     if FLAGS.activation_config is not None:
         options["activation_config"] = FLAGS.activation_config
@@ -49,12 +79,69 @@ def _train():
           f"({metrics['total_seconds']:.0f} s)")
 
 
+def _export(args):
+    from tfq.export import runs
+    run_dir = _one_path("export", args, "RUN_DIR")
+    runs.export_run(run_dir, FLAGS.format, FLAGS.int4_weights, evaluate=FLAGS.evaluate,
+                    integer_limit=FLAGS.integer_limit)
+
+
+def _ptq(args):
+    import time
+
+    import tfq
+    from tfq import data
+    from tfq.export import runs
+    from tfq.train import evaluate
+    source = _one_path("ptq", args, "RUN_DIR_OR_MODEL")
+    float_model = runs.load_run_model(source, "float.h5")
+    dataset = runs.run_metrics(source).get("dataset", FLAGS.dataset) if os.path.isdir(source) else FLAGS.dataset
+    x, _ = data.load_numpy(dataset, "train", limit=FLAGS.calibration_examples)
+    correction = {"true": True, "false": False}.get(FLAGS.bias_correction.lower(), FLAGS.bias_correction)
+    start = time.perf_counter()
+    q = tfq.ptq.pwlq(float_model, x, weight_bits=FLAGS.weight_bits, activation_bits=FLAGS.activation_bits,
+                     breakpoint=FLAGS.breakpoint, granularity=FLAGS.granularity, bias_correction=correction,
+                     bits_mean=FLAGS.bits_mean, method=FLAGS.ptq_method, first_last_bits=FLAGS.first_last_bits)
+    seconds = time.perf_counter() - start
+    os.makedirs(FLAGS.run_dir, exist_ok=True)
+    q.save(os.path.join(FLAGS.run_dir, "quantized.h5"))
+    float_model.save(os.path.join(FLAGS.run_dir, "float.h5"))
+    metrics = {"dataset": dataset, "method": FLAGS.ptq_method, "source": source, "weight_bits": FLAGS.weight_bits,
+               "activation_bits": FLAGS.activation_bits, "breakpoint": FLAGS.breakpoint,
+               "granularity": FLAGS.granularity, "bias_correction": FLAGS.bias_correction,
+               "bits_mean": FLAGS.bits_mean, "ptq_seconds": seconds,
+               "float_accuracy": evaluate(float_model, dataset), "quantized_accuracy": evaluate(q, dataset)}
+    with open(os.path.join(FLAGS.run_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    print(f"{FLAGS.ptq_method} W{FLAGS.weight_bits}A{FLAGS.activation_bits} on {dataset}: float "
+          f"{metrics['float_accuracy']:.4f}, quantized {metrics['quantized_accuracy']:.4f} "
+          f"({seconds:.1f} s); wrote {FLAGS.run_dir}")
+
+
+def _bench(args):
+    from tfq.export import bench
+    if not args:
+        raise app.UsageError("usage: tfq bench MODEL.tflite [MODEL2.tflite ...] --target=host|aarch64|android")
+    print(bench.run_cli(args, FLAGS.target, FLAGS.threads, FLAGS.runs, FLAGS.warmup, FLAGS.xnnpack,
+                        serial=FLAGS.serial, benchmark_binary=FLAGS.benchmark_binary, cpu_mask=FLAGS.cpu_mask,
+                        emulate=FLAGS.emulate, json_path=FLAGS.json))
+
+
+def _no_args(command, args):
+    if args:
+        raise app.UsageError(f"tfq {command} takes only flags, got {args}")
+
+
+def _one_path(command, args, what):
+    if len(args) != 1:
+        raise app.UsageError(f"usage: tfq {command} {what} [--flags]")
+    return args[0]
+
+
 def main(argv):
     if len(argv) < 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: tfq COMMAND [--flags]; COMMAND is one of {', '.join(COMMANDS)}")
-    if len(argv) > 2:
-        raise app.UsageError(f"unexpected arguments {argv[2:]}")
-    {"train": _train}[argv[1]]()
+    {"train": _train, "export": _export, "ptq": _ptq, "bench": _bench}[argv[1]](argv[2:])
 
 
 def run():

@@ -76,9 +76,9 @@ def input_quantizer(view, name):
     return None, None
 
 
-def _macs(layer, params):
+def _macs(layer, params, shape_source=None):
     kind = type(layer).__name__
-    out_shape = layer.output_shape
+    out_shape = (shape_source or layer).output_shape
     if isinstance(out_shape, list):
         out_shape = out_shape[0]
     spatial = int(np.prod([d for d in out_shape[1:-1] if d is not None])) if len(out_shape) > 2 else 1
@@ -104,7 +104,8 @@ def layer_costs(model) -> List[LayerCost]:
         for _, quantizer, qvars in weight_quantizers(layer):
             w_q, w_vars = quantizer, qvars
         a_q, a_vars = input_quantizer(view, name)
-        rows.append(LayerCost(name, kind, params, _macs(inner, params), w_q, w_vars, a_q, a_vars))
+        # the wrapper's output shape: a wrapped layer loaded from h5/SavedModel has no node of its own
+        rows.append(LayerCost(name, kind, params, _macs(inner, params, layer), w_q, w_vars, a_q, a_vars))
     return rows
 
 

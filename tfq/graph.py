@@ -6,6 +6,8 @@
     ``Activation`` layer named ``<layer>_activation``,
   * every SeparableConv2D is a DepthwiseConv2D (``<layer>_depthwise``) followed by a 1x1
     Conv2D keeping the original name,
+  * every swish Activation is ``x * sigmoid(x)``: an Activation sigmoid (``<layer>_sigmoid``) and
+    a Multiply keeping the original name (the int8 graph's LOGISTIC + MUL),
 with identical weights and outputs. It edits the model's config (names are kept), rebuilds it
 and copies the weights, so any Functional graph works, including keras.applications models.
 """
@@ -27,6 +29,16 @@ class UnsupportedModelError(ValueError):
 def _is_linear(activation):
     return activation in (None, "linear") or (isinstance(activation, dict)
                                               and activation.get("config", {}).get("name") == "linear")
+
+
+SWISH_NAMES = ("swish", "silu")
+
+
+def _activation_name(layer_cfg):
+    activation = layer_cfg["config"].get("activation")
+    if isinstance(activation, dict):
+        return activation.get("config", {}).get("name") or activation.get("class_name")
+    return activation
 
 
 def to_functional(model):
@@ -125,6 +137,9 @@ def canonicalize(model, input_layer_factory=None):
             edit.insert_after(name, {"class_name": "Activation", "name": f"{name}_activation",
                                      "config": {"activation": activation, "trainable": True,
                                                 "dtype": layer_cfg["config"].get("dtype")}})
+    for layer_cfg in list(config["layers"]):
+        if layer_cfg["class_name"] == "Activation" and _activation_name(layer_cfg) in SWISH_NAMES:
+            edit.split_swish(layer_cfg)
     if input_layer_factory is not None:
         for input_ref in list(config["input_layers"]):
             new_cfg = input_layer_factory(input_ref[0])
@@ -176,6 +191,24 @@ class ConfigEdit:
         self.origin[dw_name] = self.origin.get(name, name)
         self.weight_plan[dw_name] = "separable_depthwise"
         self.weight_plan[name] = "separable_pointwise"
+
+    def split_swish(self, layer_cfg):
+        """Activation swish -> Activation sigmoid (``<name>_sigmoid``) and Multiply (``<name>``):
+        the form the int8 graph computes (LOGISTIC then MUL), so the sigmoid output gets its own
+        8-bit grid during training."""
+        name = layer_cfg["name"]
+        sig_name = _unique(f"{name}_sigmoid", self.taken)
+        c = layer_cfg["config"]
+        sig = {"class_name": "Activation", "name": sig_name, "inbound_nodes": copy.deepcopy(layer_cfg["inbound_nodes"]),
+               "config": {"name": sig_name, "activation": "sigmoid", "trainable": c.get("trainable", True),
+                          "dtype": c.get("dtype")}}
+        source = layer_cfg["inbound_nodes"][0][0]
+        layer_cfg.update(class_name="Multiply",
+                         config={"name": name, "trainable": c.get("trainable", True), "dtype": c.get("dtype")},
+                         inbound_nodes=[[list(source), [sig_name, 0, 0, {}]]])
+        layers = self.config["layers"]
+        layers.insert(layers.index(layer_cfg), sig)
+        self.origin[sig_name] = self.origin.get(name, name)
 
     def build(self):
         from tfq.api import quantize_scope

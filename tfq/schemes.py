@@ -15,6 +15,8 @@ transform inside tfmot's ``quantize_apply``:
   (``first_last_bits`` when that layer is the first or last); every other held tensor (inputs
   of swish/sigmoid/Add/Multiply/Concatenate, model inputs and outputs) is *intermediate* and gets
   ``intermediate_bits`` (8) with an unsigned asymmetric grid, as an int8 graph holds it.
+* Outputs of sigmoid, softmax and tanh get the fixed 8-bit grid TFLite's int8 kernels produce
+  (``tfq.quantizers.fixed``), for every method.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import tf_keras as keras
 
 from tfq import configs, graph
 from tfq.quantizers import base as qbase
-from tfq.quantizers import lsq
+from tfq.quantizers import fixed, lsq
 
 WEIGHTED = ("Conv2D", "DepthwiseConv2D", "Dense")
 BATCH_NORM = ("BatchNormalization",)
@@ -160,8 +162,12 @@ class TFQScheme(quantize_scheme.QuantizeScheme):
                 weights[configs.KERNEL_ATTRIBUTES[kind(name)]] = self.quantizers.weight_quantizer(layer, bits)
             output = None
             if self._holds_output(view, name):
-                bits, role = self._activation_bits(view, name, first, last)
-                output = self.quantizers.activation_quantizer(bits, role)
+                fixed_op = fixed.fixed_range_op(layer)
+                if fixed_op is not None:  # TFLite fixes this op's output grid
+                    output = fixed.FixedRangeQuantizer(fixed_op)
+                else:
+                    bits, role = self._activation_bits(view, name, first, last)
+                    output = self.quantizers.activation_quantizer(bits, role)
             if weights or output is not None:
                 decisions[name] = configs.LayerQuantizeConfig(weights, output)
         return decisions
@@ -328,9 +334,213 @@ register_method("lsq", _lsq_plain)
 
 # --- N2UQ (n2uq.txt) -----------------------------------------------------------------------
 # (N2UQ section)
+class N2UQQuantizers(MethodQuantizers):
+    """N2UQ weights (2..7 bits, per output channel) and N2UQ activations for inputs of weighted
+    layers. 8-bit weights (the first and last layers by default, kept at higher precision as in
+    the paper) use LSQ+ weights, since N2UQ's odd-code grid needs bits + 1 <= 8; intermediate
+    tensors (and inputs of the first/last layers) use LSQ+ config 4 like every tfq method."""
+
+    name = "n2uq"
+
+    def __init__(self, param_lr_scale=0.1, input_init="lsq+", init="paper"):
+        from tfq.quantizers import n2uq
+        # validates the arguments
+        n2uq.N2UQActivationQuantizer(2, param_lr_scale=param_lr_scale, input_init=input_init, init=init)
+        self.param_lr_scale = float(param_lr_scale)
+        self.input_init = input_init
+        self.init = init
+
+    def weight_quantizer(self, layer, bits):
+        from tfq.quantizers import n2uq
+        if bits > n2uq.MAX_WEIGHT_BITS:
+            return LSQQuantizers().weight_quantizer(layer, bits)
+        return n2uq.N2UQWeightQuantizer(bits, per_axis=configs.output_channel_axes(layer))
+
+    def activation_quantizer(self, bits, kind):
+        from tfq.quantizers import n2uq
+        if kind == "activation":
+            return n2uq.N2UQActivationQuantizer(bits, param_lr_scale=self.param_lr_scale,
+                                                input_init=self.input_init, init=self.init)
+        return lsq.activation_quantizer(bits, config=4, init="lsq+")
+
+
+def N2UQScheme(weight_bits=2, activation_bits=2, first_last_bits=8, param_lr_scale=0.1, init="paper",
+               input_init="lsq+", intermediate_bits=8, quantize_inputs=True):
+    """N2UQ (n2uq.txt): ``weight_bits`` 2..7; ``param_lr_scale`` is the learning-rate factor of the
+    activation thresholds, start and scales (paper: 1/10), valid for any optimizer (see
+    ``tfq.quantizers.n2uq``); ``init`` "paper" (beta1 = beta2 = 1) or "data" (beta1, beta2 from
+    the first batch, for short fine-tuning of pretrained models); ``input_init`` initialises the
+    8-bit grid the thresholds act on."""
+    from tfq.quantizers import n2uq
+    qbase.check_bits(weight_bits, "weight_bits", high=n2uq.MAX_WEIGHT_BITS)
+    return TFQScheme(N2UQQuantizers(param_lr_scale, input_init, init), weight_bits, activation_bits,
+                     first_last_bits, intermediate_bits, quantize_inputs)
+
+
+register_method("n2uq", N2UQScheme)
 
 # --- DDQ (ddq.txt) -------------------------------------------------------------------------
 # (DDQ section)
+class DDQQuantizers(MethodQuantizers):
+    """ddq.txt: DDQ weights (learned levels; learned bit-width in ``mode="mixed"``) and DDQ
+    activations for inputs of weighted layers (learned levels on an 8-bit LSQ+ grid, fixed bits).
+
+    ``weight_quantizer(layer, bits)`` gets ``target_bits`` for the middle layers: in mixed mode
+    they start at ``max_bits`` with trainable gates (``tfq.callbacks.DDQGateSchedule`` brings the
+    footprint to ``target_bits`` per weight); any other ``bits`` (first/last layers) and fixed mode
+    give a fixed-precision DDQ quantizer (DDQ(fix)). Conv/DepthwiseConv kernels have levels per
+    output channel, Dense kernels per tensor; gates are per layer."""
+
+    name = "ddq"
+
+    def __init__(self, target_bits=4, mode="mixed", max_bits=8, min_bits=2, level_bits=8, grad_correction=0.1):
+        from tfq.quantizers import ddq
+        qbase.check_choice(mode, ("mixed", "fixed"), "mode")
+        self.target_bits = qbase.check_bits(target_bits, "target_bits")
+        self.mode = mode
+        self.max_bits = qbase.check_bits(max_bits, "max_bits", high=level_bits)
+        if mode == "mixed" and max_bits < target_bits:
+            raise ValueError(f"max_bits ({max_bits}) must be >= target_bits ({target_bits}) in mixed mode")
+        self.min_bits = min_bits
+        self.level_bits = level_bits
+        self.grad_correction = grad_correction
+        ddq.DDQQuantizer(max_bits, min(min_bits, max_bits), level_bits, grad_correction=grad_correction)  # validates
+
+    def weight_quantizer(self, layer, bits):
+        from tfq.quantizers import ddq
+        kind = type(layer).__name__
+        axes = configs.PER_CHANNEL_AXES[kind] if kind in ("Conv2D", "DepthwiseConv2D") else None
+        mixed = self.mode == "mixed" and bits == self.target_bits
+        max_bits = self.max_bits if mixed else bits
+        return ddq.weight_quantizer(max_bits, per_axis=axes, min_bits=min(self.min_bits, max_bits),
+                                    level_bits=max(self.level_bits, max_bits), grad_correction=self.grad_correction,
+                                    fixed=not mixed)
+
+    def activation_quantizer(self, bits, kind):
+        from tfq.quantizers import ddq
+        if kind == "activation":
+            return ddq.activation_quantizer(bits, min_bits=min(self.min_bits, bits), level_bits=8,
+                                            grad_correction=self.grad_correction, fixed=True)
+        return lsq.activation_quantizer(bits, config=4, init="lsq+")
+
+
+def DDQScheme(target_bits=None, activation_bits=8, mode="mixed", max_bits=8, min_bits=2, level_bits=8,
+              grad_correction=0.1, first_last_bits=8, intermediate_bits=8, quantize_inputs=True, weight_bits=None):
+    """DDQ (ddq.txt). ``target_bits`` (alias ``weight_bits``; default 4): the weight-memory budget in
+    bits per weight (``mode="mixed"``, layers start at ``max_bits`` and stay >= ``min_bits``) or the
+    weights' bits (``mode="fixed"``, DDQ(fix)); ``grad_correction``: lambda of eq. 9 (0 turns the
+    correction off; the paper gives no value: 0.1 makes lambda (x_q - x) as large as dL/dx_q for
+    typical mobile_swish kernels);
+    ``level_bits``: the grid of the levels (eq. 4, b_q = 8); first/last layers at ``first_last_bits``."""
+    if target_bits is not None and weight_bits is not None and target_bits != weight_bits:
+        raise ValueError(f"target_bits ({target_bits}) and weight_bits ({weight_bits}) name the same "
+                         "setting for DDQ; give one")
+    target = target_bits if target_bits is not None else (weight_bits if weight_bits is not None else 4)
+    quantizers = DDQQuantizers(target, mode, max_bits, min_bits, level_bits, grad_correction)
+    return TFQScheme(quantizers, target, activation_bits, first_last_bits, intermediate_bits, quantize_inputs)
+
+
+register_method("ddq", DDQScheme)
 
 # --- AdaQAT (adaqat.txt) -------------------------------------------------------------------
 # (AdaQAT section)
+class AdaQATQuantizers(MethodQuantizers):
+    """adaqat.txt sec. III-A: DoReFa weights (SAT rescaling) and PACT activations whose bits are
+    ceil(N_w), ceil(N_a) (learned by ``tfq.callbacks.AdaQAT``). The first and last layers stay at
+    ``first_last_bits`` with LSQ+ weights (an 8-bit DoReFa grid needs 9-bit codes, beyond int8);
+    "intermediate" tensors get LSQ+ configuration 4 as in every tfq scheme."""
+
+    name = "adaqat"
+
+    def __init__(self, init_weight_bits, init_activation_bits, alpha_init=8.0, rescale="constant"):
+        from tfq.quantizers import adaqat
+        self.init_weight_bits = qbase.check_bits(init_weight_bits, "init_weight_bits")
+        self.init_activation_bits = qbase.check_bits(init_activation_bits, "init_activation_bits")
+        adaqat.DoReFaWeightQuantizer(init_weight_bits, rescale)   # validates rescale now
+        adaqat.PACTQuantizer(init_activation_bits, alpha_init)    # validates alpha_init now
+        self.alpha_init = alpha_init
+        self.rescale = rescale
+        self.fixed_layers = set()  # names of the first and last weighted layers (set by the scheme)
+
+    def weight_quantizer(self, layer, bits):
+        from tfq.quantizers import adaqat
+        if layer.name in self.fixed_layers:
+            kind = type(layer).__name__
+            axes = configs.PER_CHANNEL_AXES[kind] if kind in ("Conv2D", "DepthwiseConv2D") else None
+            return lsq.weight_quantizer(bits, per_axis=axes, init="lsq+")
+        return adaqat.DoReFaWeightQuantizer(init_bits=self.init_weight_bits, rescale=self.rescale)
+
+    def activation_quantizer(self, bits, kind):
+        from tfq.quantizers import adaqat
+        if kind == "activation":
+            return adaqat.PACTQuantizer(init_bits=self.init_activation_bits, alpha_init=self.alpha_init)
+        return lsq.activation_quantizer(bits, config=4, init="lsq+")
+
+
+#: producers whose output is never negative (PACT's unsigned grid fits them)
+_NON_NEGATIVE_ACTIVATIONS = ("relu", "relu6", "sigmoid", "hard_sigmoid", "softmax", "softplus", "exponential")
+_NON_NEGATIVE_TF_OPS = ("nn.relu", "nn.relu6", "math.sigmoid")
+#: layers whose output is non-negative when all their inputs are
+_SIGN_PRESERVING = PASS_THROUGH + ("Add", "Multiply", "Concatenate", "Average", "Maximum", "AveragePooling2D",
+                                   "GlobalAveragePooling2D", "UpSampling2D", "QuantizeLayer")
+
+
+def _non_negative(view, name):
+    """Whether layer ``name``'s output is >= 0 by construction (ReLU-like, or built from such)."""
+    layer, kind = view.layers[name], view.type_name(name)
+    if kind == "ReLU":
+        return layer.get_config().get("negative_slope", 0) in (0, 0.0)
+    if kind == "Activation":
+        activation = keras.activations.serialize(layer.activation)
+        activation = activation if isinstance(activation, str) else activation.get("config", {}).get("name", "")
+        return activation in _NON_NEGATIVE_ACTIVATIONS
+    if kind == "TFOpLambda":
+        return layer.get_config().get("function") in _NON_NEGATIVE_TF_OPS
+    if kind in _SIGN_PRESERVING and kind != "InputLayer":
+        producers = view.producers[name]
+        return bool(producers) and all(_non_negative(view, p) for p in producers)
+    return False
+
+
+class _AdaQATTFQScheme(TFQScheme):
+    """TFQScheme that tells its quantizers which weighted layers are first/last (fixed bits) and
+    gives PACT's signed variant to tensors that can be negative (swish, residual sums, ...)."""
+
+    def _first_last(self, view, weighted):
+        first, last = TFQScheme._first_last(view, weighted)
+        self.quantizers.fixed_layers = set(first) | set(last)
+        return first, last
+
+    def plan(self, model, quantize_only=None):
+        from tfq.quantizers import adaqat
+        decisions = super().plan(model, quantize_only)
+        view = graph.GraphView(model)
+        for name, decision in decisions.items():
+            q = decision.output_quantizer
+            if isinstance(q, adaqat.PACTQuantizer) and not _non_negative(view, name):
+                decision.output_quantizer = adaqat.PACTQuantizer(q.init_bits, q.alpha_init, signed=True)
+        return decisions
+
+
+def AdaQATScheme(init_weight_bits=8, init_activation_bits=8, first_last_bits=8, intermediate_bits=8,
+                 quantize_inputs=True, alpha_init=8.0, rescale="constant"):
+    """AdaQAT (adaqat.txt): learned shared bit-widths starting at ``init_weight_bits`` /
+    ``init_activation_bits``; train with the ``tfq.callbacks.AdaQAT`` callback."""
+    quantizers = AdaQATQuantizers(init_weight_bits, init_activation_bits, alpha_init, rescale)
+    return _AdaQATTFQScheme(quantizers, init_weight_bits, init_activation_bits, first_last_bits,
+                            intermediate_bits, quantize_inputs)
+
+
+def _adaqat_method(weight_bits=None, activation_bits=None, **options):
+    """``quantize_model(method="adaqat", weight_bits=..., activation_bits=...)``: the bits are the
+    initial N_w, N_a (aliases of ``init_weight_bits``/``init_activation_bits``)."""
+    for given, option, alias in ((weight_bits, "init_weight_bits", "weight_bits"),
+                                 (activation_bits, "init_activation_bits", "activation_bits")):
+        if given is not None:
+            if option in options:
+                raise ValueError(f"method='adaqat': give {alias} or {option}, not both")
+            options[option] = given
+    return AdaQATScheme(**options)
+
+
+register_method("adaqat", _adaqat_method)

@@ -5,6 +5,7 @@ import importlib as _importlib
 from tfq.quantizers.base import TFQQuantizer, get, registered_names  # noqa: F401
 from tfq.quantizers.grid import (CodebookGrid, PiecewiseGrid, ThresholdGrid, UncalibratedError,  # noqa: F401
                                  UniformGrid)
+from tfq.quantizers.fixed import FixedRangeQuantizer  # noqa: F401
 from tfq.quantizers.lsq import LSQQuantizer  # noqa: F401
 
 # Methods added by later modules register themselves on import; import the ones present.

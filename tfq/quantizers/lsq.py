@@ -13,9 +13,10 @@ Configurations (Table 1): 1 unsigned symmetric (LSQ), 2 signed symmetric, 3 sign
 4 unsigned asymmetric. Weights are signed symmetric (per output channel by default).
 
 For exact integer export the offset is used as a whole number of steps: the forward uses
-``beta' = s * round(beta/s)`` with a straight-through estimator (``integer_offset=True``), so
-``beta' = -z*s`` for an integer zero point ``z``; gradients of eq. 3-4 are evaluated at ``beta'``
-and passed to ``beta`` unchanged.
+``beta' = -z*s`` with the integer zero point ``z = clip(round(-beta/s), n, p)`` through a
+straight-through estimator (``integer_offset=True``): ``z`` inside the code range keeps real 0 on
+the grid, as TFLite's int8 tensors require. Gradients of eq. 3-4 are evaluated at ``beta'`` and
+passed to ``beta`` unchanged.
 """
 from __future__ import annotations
 
@@ -37,10 +38,11 @@ ACTIVATION_CONFIGS = {  # Table 1: config -> (signed, learn_offset)
 }
 
 
-def qrange(bits, signed):
-    """Integer code range (n, p): unsigned (0, 2^b-1), signed (-2^(b-1), 2^(b-1)-1)."""
+def qrange(bits, signed, narrow_range=False):
+    """Integer code range (n, p): unsigned (0, 2^b-1), signed (-2^(b-1), 2^(b-1)-1); a narrow
+    signed range drops the most negative code (-(2^(b-1)-1) .. 2^(b-1)-1)."""
     if signed:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        return -(2 ** (bits - 1)) + int(narrow_range), 2 ** (bits - 1) - 1
     return 0, 2 ** bits - 1
 
 
@@ -94,12 +96,15 @@ class LSQQuantizer(base.TFQQuantizer):
         activations only from a training batch.
       integer_offset: snap beta to whole steps in the forward (straight-through).
       grad_scale: apply LSQ's gradient scale g.
+      narrow_range: signed codes in [-(2^(b-1)-1), 2^(b-1)-1] (symmetric, as TFLite int8 weights).
     """
 
     def __init__(self, bits=4, signed=False, learn_offset=False, per_axis=None, init="lsq+",
-                 is_weight=False, integer_offset=True, grad_scale=True):
+                 is_weight=False, integer_offset=True, grad_scale=True, narrow_range=False):
         bits = base.check_bits(bits)
         base.check_choice(init, INITS, "init")
+        if narrow_range and not signed:
+            raise ValueError("narrow_range=True is for signed grids (it drops the code -2^(b-1))")
         if learn_offset and is_weight:
             raise ValueError("learn_offset=True is for activations: LSQ+ weights are symmetric")
         axes = base.normalize_axes(per_axis)
@@ -110,7 +115,7 @@ class LSQQuantizer(base.TFQQuantizer):
         super().__init__(bits=bits, signed=bool(signed), learn_offset=bool(learn_offset),
                          per_axis=list(axes) if axes is not None else None, init=init,
                          is_weight=bool(is_weight), integer_offset=bool(integer_offset),
-                         grad_scale=bool(grad_scale))
+                         grad_scale=bool(grad_scale), narrow_range=bool(narrow_range))
         self.bits = bits
         self.signed = bool(signed)
         self.learn_offset = bool(learn_offset)
@@ -119,7 +124,7 @@ class LSQQuantizer(base.TFQQuantizer):
         self.is_weight = bool(is_weight)
         self.integer_offset = bool(integer_offset)
         self.use_grad_scale = bool(grad_scale)
-        self.qmin, self.qmax = qrange(bits, signed)
+        self.qmin, self.qmax = qrange(bits, signed, narrow_range)
         self._init_only_when_training = not self.is_weight
 
     # --- variables -------------------------------------------------------------------------
@@ -168,8 +173,10 @@ class LSQQuantizer(base.TFQQuantizer):
             return tf.zeros(())
         beta = tf.convert_to_tensor(weights["offset"])
         if self.integer_offset:
-            # value s*round(beta/s); gradient to beta only (eq. 3-4 stay exact for s)
-            return beta + tf.stop_gradient(scale * tf.round(beta / scale) - beta)
+            # value -z*s with z = round(-beta/s) kept inside [n, p] (so real 0 is a code, as int8
+            # tensors require); gradient to beta only (eq. 3-4 stay exact for s)
+            zero_point = tf.clip_by_value(tf.round(-beta / scale), float(self.qmin), float(self.qmax))
+            return beta + tf.stop_gradient(-zero_point * scale - beta)
         return beta
 
     def _forward(self, inputs, training, weights):
@@ -279,7 +286,8 @@ class LSQQuantizer(base.TFQQuantizer):
         scale = np.maximum(np.asarray(keras.backend.get_value(weights["scale"]), np.float64), 1e-8)
         if self.learn_offset:
             beta = float(keras.backend.get_value(weights["offset"]))
-            z = np.round(-beta / scale) if self.integer_offset else -beta / scale
+            z = (np.clip(np.round(-beta / scale), self.qmin, self.qmax) if self.integer_offset
+                 else -beta / scale)
             if not self.integer_offset and not np.allclose(z, np.round(z)):
                 raise ValueError(
                     f"{self._name}: offset {beta} is not a whole number of steps of scale {scale}; "
@@ -297,7 +305,7 @@ class LSQQuantizer(base.TFQQuantizer):
             return scale, 0.0
         beta = float(keras.backend.get_value(weights["offset"]))
         if self.integer_offset:
-            beta = float(scale * np.round(beta / scale))
+            beta = float(-scale * np.clip(np.round(-beta / scale), self.qmin, self.qmax))
         return scale, beta
 
 
@@ -311,6 +319,9 @@ def activation_quantizer(bits, config=4, init="lsq+", **kwargs):
 
 
 def weight_quantizer(bits, per_axis=None, init="lsq+", **kwargs):
-    """Signed symmetric weight quantizer (sec. 3.2.1)."""
+    """Signed symmetric weight quantizer (sec. 3.2.1). At 8 bits the range is narrow
+    ([-127, 127]) by default: TFLite stores int8 weights symmetric with zero point 0, so a code
+    -128 could not survive BatchNorm folding with a negative gamma."""
+    kwargs.setdefault("narrow_range", bits == 8)
     return LSQQuantizer(bits=bits, signed=True, learn_offset=False, per_axis=per_axis, init=init,
                         is_weight=True, **kwargs)

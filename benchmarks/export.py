@@ -1,0 +1,92 @@
+"""Export benchmark (issue 3), following shared/BENCHMARKS.md.
+
+For each model and bit-width: the cached float checkpoint, LSQ+ (config 4) fine-tuned with the
+shared budget, then exported with ``tfq.export``: Keras, TFLite (XNNPACK) and IntegerGraph test
+accuracy on the full Fashion-MNIST test set, parity in output steps, file sizes fp32 / int8 /
+int4-weights, and whether tfmot's own n-bit scheme exports the same bit-width.
+
+    python -m benchmarks.export --models=small_cnn,mobile_swish --bits=8,4,2    # or make bench ONLY=export
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import tfq  # noqa: F401  (Keras 2 before TensorFlow)
+import tensorflow as tf
+
+from benchmarks.lsq import CACHE, RESULTS, tfmot_variant
+from tfq import data, train
+from tfq.export import runs, tflite, verify
+from tfq.export.integer import IntegerGraph
+
+
+def tfmot_exports(net, bits):
+    """Whether tfmot's experimental n-bit scheme converts to an integer-only TFLite at ``bits``."""
+    try:
+        q = tfmot_variant(net, "tfmot-nbit", bits)
+        converter = tf.lite.TFLiteConverter.from_keras_model(q)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.inference_input_type = converter.inference_output_type = tf.int8
+        flat = converter.convert()
+        tflite.check_integer_only(flat, f"tfmot n-bit W{bits}A{bits}")
+        return "yes"
+    except Exception as err:  # record why, not just that it failed
+        return f"no: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="small_cnn,mobile_swish")
+    parser.add_argument("--bits", default="8,4,2")
+    parser.add_argument("--config", type=int, default=4)
+    parser.add_argument("--float_epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--limit", type=int, default=None, help="fine-tuning examples (protocol: all)")
+    parser.add_argument("--out", default=os.path.join(RESULTS, "export.json"))
+    args = parser.parse_args(argv)
+    x_test, y_test = data.load_numpy("fashion_mnist", "test")
+    results = {"benchmark": "export", "command": "python -m benchmarks.export " + " ".join(argv or sys.argv[1:]),
+               "protocol": vars(args), "machine": train.machine_info(), "variants": []}
+    work = os.path.join(CACHE, "export")
+    os.makedirs(work, exist_ok=True)
+    for model_name in args.models.split(","):
+        for bits in [int(b) for b in args.bits.split(",")]:
+            net, _ = train.float_model("fashion_mnist", model_name, args.float_epochs, cache_dir=CACHE, verbose=0)
+            row = {"model": model_name, "weight_bits": bits, "activation_bits": bits,
+                   "activation_config": args.config}
+            try:
+                q = tfq.quantize_model(net, "lsq+", weight_bits=bits, activation_bits=bits,
+                                       activation_config=args.config)
+                train.finetune(q, "fashion_mnist", args.epochs, limit=args.limit, verbose=0)
+                row["keras_accuracy"] = train.evaluate(q, "fashion_mnist")
+                start = time.perf_counter()
+                int8 = tflite.to_tflite(q)
+                row["export_seconds"] = time.perf_counter() - start
+                row["int8_bytes"] = len(int8)
+                if bits <= 4:
+                    row["int4_weights_bytes"] = len(tflite.to_tflite(q, int4_weights=True))
+                row["fp32_bytes"] = runs.float_tflite(net, os.path.join(work, f"{model_name}_fp32.tflite"))
+                row["tflite_accuracy"] = runs.tflite_accuracy(int8, x_test, y_test)
+                graph = IntegerGraph.from_tflite(int8)
+                row["integer_graph_accuracy"] = runs.integer_graph_accuracy(graph, int8, x_test, y_test)
+                report = verify.verify(q, int8, x_test[:2000], graph=graph)
+                row["parity"] = {k: report[k] for k in ("xnnpack", "reference", "integer_graph_vs_reference",
+                                                        "xnnpack_partitions", "ops_outside_xnnpack")}
+                row["tfmot_nbit_exports"] = tfmot_exports(net, bits)
+            except Exception as err:
+                row["error"] = f"{type(err).__name__}: {err}"
+                traceback.print_exc()
+            print(json.dumps({k: v for k, v in row.items() if k != "parity"}), flush=True)
+            results["variants"].append(row)
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,489 @@
+"""Integer grids -> an inference graph of 8-bit-container FakeQuant ops -> TFLite.
+
+``to_tflite(model)`` rebuilds a quantized Keras model (tfq scheme, or any tfmot model whose
+quantizers answer ``integer_grid``) as a float inference model in which
+
+* each weighted layer's kernel is its fake-quantized kernel with the following BatchNormalization
+  folded in exactly: per output channel ``scale' = scale * |gamma| / sqrt(var + eps)``, the code's
+  sign flipped where gamma < 0, ``bias' = (bias - mean) * gamma / sqrt(var + eps) + beta``; the kernel
+  passes through a per-channel (Conv2D, DepthwiseConv2D) or per-tensor FakeQuant whose range is
+  ``[-127, 127] * scale'`` (zero point 0), so the converter recovers the trained codes exactly;
+* each tensor with a ``UniformGrid`` gets an 8-bit FakeQuant with range
+  ``[(-128 - z8) s, (127 - z8) s]`` (``z8`` the integer zero point moved into int8; SPEC "Export rules":
+  never a symmetric float range), followed by MINIMUM/MAXIMUM at the grid's own code range when it
+  is narrower than 8 bits — the converter rejects num_bits < 8 on activations, while an int8 MIN/MAX
+  at an unchanged scale is exact;
+* a tensor with a table grid (``ThresholdGrid``, activation ``CodebookGrid``: an int8 input code
+  -> int8 output code map) becomes an exact staircase: the input at its 8-bit grid, one broadcast
+  SUB against the jump positions, clamps to one step (``{0, 1}`` codes), and a fully-connected
+  reduction whose int8 weights are the jump heights, at multiplier exactly 1.
+
+Integer zero points: LSQ+ offsets are whole numbers of steps during training (straight-through
+rounding, ``integer_offset=True``), so no remainder has to be folded anywhere; ``export_report``
+lists, per tensor, the grid and how its offset was made integral.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from tfq import costs, graph
+from tfq.quantizers.grid import CodebookGrid, PiecewiseGrid, ThresholdGrid, UniformGrid
+
+WEIGHTED = ("Conv2D", "DepthwiseConv2D", "Dense")
+
+
+class ExportError(ValueError):
+    """A model (or one of its layers) cannot be exported exactly; the message names the layer."""
+
+
+# --- weights ---------------------------------------------------------------------------------
+def weight_step(grid, layer_name):
+    """Per-channel (or scalar) real step between consecutive int8 weight codes of ``grid``."""
+    if isinstance(grid, (UniformGrid, CodebookGrid)):
+        if np.any(np.asarray(grid.zero_point) != 0):
+            raise ExportError(f"{layer_name}: weight grid has a non-zero zero point; TFLite int8 "
+                              "weights are symmetric (zero point 0)")
+        return np.asarray(grid.scale, np.float64)
+    if isinstance(grid, PiecewiseGrid):
+        step = np.asarray(grid.centre_scale, np.float64)
+        for name in ("breakpoint", "tail_scale"):
+            ratio = np.asarray(getattr(grid, name)) / step
+            if not np.allclose(ratio, np.round(ratio), atol=1e-4):
+                raise ExportError(
+                    f"{layer_name}: piecewise {name} is not a whole number of centre steps, so the "
+                    "layer is not one int8 convolution; quantize with the integer-ratio constraint "
+                    "(tfq.ptq.pwlq(..., integer_tail_ratio=True))")
+        return step
+    raise ExportError(f"{layer_name}: a {type(grid).__name__} cannot describe weights")
+
+
+def _per_channel(step, kernel_shape, axis, n_out):
+    """``step`` as a vector over the ``n_out`` output channels (flattened ``axis``)."""
+    step = np.asarray(step, np.float64)
+    if step.ndim == 0:
+        return np.full(n_out, float(step)), False
+    flat = step.reshape(-1)
+    if flat.size != n_out:
+        raise ExportError(f"weight scale has {flat.size} values for {n_out} output channels "
+                          f"(axis {axis} of kernel {kernel_shape})")
+    return flat, True
+
+
+@dataclasses.dataclass
+class FoldedWeights:
+    """Integer kernel codes (int8 values, layer's kernel layout) and their float factors."""
+
+    codes: np.ndarray
+    step: np.ndarray          # per output channel (flattened)
+    per_channel: bool
+    bias: np.ndarray          # float, per output channel
+    bits: int
+
+
+def _output_channels(kind, kernel_shape):
+    if kind == "DepthwiseConv2D":
+        return kernel_shape[2] * kernel_shape[3]
+    return kernel_shape[-1]
+
+
+def _to_channels_last(kind, array):
+    """Kernel -> [..., n_out] view whose last axis is the output channel."""
+    if kind == "DepthwiseConv2D":
+        h, w, c, m = array.shape
+        return array.reshape(h, w, 1, c * m)
+    return array
+
+
+def fold_weights(wrapper, batch_norm=None) -> FoldedWeights:
+    """Codes of ``wrapper``'s fake-quantized kernel with ``batch_norm`` (a BN layer or None) folded."""
+    name = wrapper.name
+    inner = costs.inner_layer(wrapper)
+    kind = type(inner).__name__
+    pairs = costs.weight_quantizers(wrapper)
+    if not pairs:
+        raise ExportError(f"{name}: {kind} has no weight quantizer; every weighted layer must be "
+                          "quantized to export an integer model")
+    kernel_var, quantizer, qvars = pairs[0]
+    grid = quantizer.integer_grid(qvars)
+    w_q = np.asarray(quantizer(kernel_var, training=False, weights=qvars), np.float64)
+    n_out = _output_channels(kind, w_q.shape)
+    step, per_channel = _per_channel(weight_step(grid, name), w_q.shape, getattr(grid, "axis", None), n_out)
+    w_last = _to_channels_last(kind, w_q)
+    codes = np.round(w_last / step)
+    if not np.allclose(codes * step, w_last, rtol=1e-4, atol=1e-6 * float(np.max(step))):
+        raise ExportError(f"{name}: fake-quantized kernel is not on its declared grid (max error "
+                          f"{np.max(np.abs(codes * step - w_last)) / np.max(step):.3g} steps)")
+    bias = (np.asarray(inner.bias.numpy(), np.float64) if getattr(inner, "use_bias", False) and inner.bias is not None
+            else np.zeros(n_out))
+    if batch_norm is not None:
+        gamma, beta, mean, var = _bn_params(batch_norm, n_out)
+        factor = gamma / np.sqrt(var + costs.inner_layer(batch_norm).epsilon)
+        bias = (bias - mean) * factor + beta
+        codes = codes * np.sign(np.where(factor == 0, 1.0, factor))
+        step = step * np.abs(factor)
+        step = np.where(step == 0, 1e-12, step)
+        per_channel = True
+    if np.max(np.abs(codes)) > 127:
+        raise ExportError(f"{name}: weight code {int(np.max(np.abs(codes)))} does not fit TFLite's "
+                          "symmetric int8 weights [-127, 127] (8-bit weights need narrow_range=True)")
+    codes = codes.reshape(w_q.shape)
+    return FoldedWeights(codes.astype(np.int64), step, per_channel, bias, int(getattr(grid, "bits", 8)))
+
+
+def _bn_params(bn, n_out):
+    inner = costs.inner_layer(bn)
+    gamma = inner.gamma.numpy() if inner.scale else np.ones(n_out)
+    beta = inner.beta.numpy() if inner.center else np.zeros(n_out)
+    return (np.asarray(gamma, np.float64), np.asarray(beta, np.float64),
+            np.asarray(inner.moving_mean.numpy(), np.float64), np.asarray(inner.moving_variance.numpy(), np.float64))
+
+
+# --- activations -----------------------------------------------------------------------------
+def activation_plan(grid, tensor_name):
+    """JSON-able description of how a tensor's grid is emitted (what ``ExportQuantize`` runs)."""
+    if isinstance(grid, UniformGrid):
+        if grid.axis is not None:
+            raise ExportError(f"{tensor_name}: per-channel activation grids are not supported by TFLite")
+        scale, z8, cmin, cmax = grid.to_int8_container()
+        return {"kind": "uniform", "scale": float(scale), "zero_point": int(z8), "code_min": int(cmin),
+                "code_max": int(cmax)}
+    if isinstance(grid, (ThresholdGrid, CodebookGrid)):
+        if grid.input_grid is None:
+            raise ExportError(f"{tensor_name}: a {type(grid).__name__} activation needs its input_grid")
+        table = np.asarray(grid.code_table(), np.int64)
+        in_plan = activation_plan(grid.input_grid, tensor_name)
+        if isinstance(grid, ThresholdGrid):
+            out_scale, out_zp = float(grid.out_scale), int(grid.out_zero_point)
+            out_codes = table
+            if out_codes.max() - out_zp > 127 or out_codes.min() - out_zp < -128:
+                # unsigned output codes move into int8 like UniformGrid.to_int8_container
+                shift = 128
+                out_codes, out_zp = out_codes - shift, out_zp - shift
+        else:
+            out_scale, out_zp, out_codes = float(np.asarray(grid.scale).reshape(())), int(grid.zero_point), table
+        return {"kind": "table", "input": in_plan, "table": out_codes.tolist(), "scale": out_scale,
+                "zero_point": out_zp}
+    raise ExportError(f"{tensor_name}: no TFLite form for a {type(grid).__name__} activation")
+
+
+def _fake_quant_uniform(x, plan):
+    s, z = plan["scale"], plan["zero_point"]
+    x = tf.quantization.fake_quant_with_min_max_vars(x, (-128 - z) * s, (127 - z) * s, num_bits=8)
+    if plan["code_max"] == 127 and plan["code_min"] == -128:
+        return x
+    if plan["code_max"] < 127:
+        x = tf.minimum(x, (plan["code_max"] - z) * s)
+    if plan["code_min"] > -128 and not (plan.get("nonnegative_input") and plan["code_min"] <= z):
+        x = tf.maximum(x, (plan["code_min"] - z) * s)
+    # the same range again: the converter then keeps the clamps in int8 at this scale (it turns
+    # max(x, 0) into RELU, which would otherwise have no quantization statistics)
+    return tf.quantization.fake_quant_with_min_max_vars(x, (-128 - z) * s, (127 - z) * s, num_bits=8)
+
+
+def _staircase(x, plan):
+    """Exact int8 form of a code table: out = c0 + sum_k h_k [in_code >= t_k] (see module doc)."""
+    inp = plan["input"]
+    x = _fake_quant_uniform(x, inp)
+    s_in, z_in = inp["scale"], inp["zero_point"]
+    table = np.asarray(plan["table"], np.int64)
+    jumps = np.nonzero(np.diff(table))[0] + 1          # int8 code index where the output changes
+    c0 = int(table[0])
+    s_out, z_out = plan["scale"], plan["zero_point"]
+    base = (c0 - z_out) * s_out
+    if jumps.size == 0:
+        return tf.zeros_like(x) + base
+    heights = table[jumps] - table[jumps - 1]
+    if np.any(np.abs(heights) > 127):
+        raise ExportError("table activation: an output jump exceeds 127 codes")
+    # input codes are -128 + index; [code >= t] == clamp(x - (t - 1 - z) s, 0, s) / s
+    t = (jumps - 128).astype(np.float64)
+    offsets = ((t - 1 - z_in) * s_in).astype(np.float32)
+    d = tf.expand_dims(x, -1) - offsets
+    d = tf.quantization.fake_quant_with_min_max_vars(d, -128 * s_in, 127 * s_in, num_bits=8)
+    d = tf.minimum(tf.nn.relu(d), s_in)
+    steps = tf.quantization.fake_quant_with_min_max_vars(d, -128 * s_in, 127 * s_in, num_bits=8)
+    # weights h_k * (s_out / s_in): int8 codes h_k at weight scale s_out/s_in, multiplier 1
+    w_scale = s_out / s_in
+    kernel = tf.quantization.fake_quant_with_min_max_vars(
+        tf.constant((heights * w_scale).astype(np.float32)[:, None]), -127 * w_scale, 127 * w_scale,
+        num_bits=8, narrow_range=True)
+    y = tf.squeeze(tf.tensordot(steps, kernel, axes=[[-1], [0]]), -1) + base
+    lo, hi = (-128 - z_out) * s_out, (127 - z_out) * s_out
+    return tf.quantization.fake_quant_with_min_max_vars(y, lo, hi, num_bits=8)
+
+
+def emit(x, plan):
+    if plan is None:
+        return x
+    if plan["kind"] == "uniform":
+        return _fake_quant_uniform(x, plan)
+    return _staircase(x, plan)
+
+
+# --- export layers ---------------------------------------------------------------------------
+class ExportWeighted(keras.layers.Layer):
+    """Conv2D / DepthwiseConv2D / Dense with a FakeQuant'd folded kernel and an output grid."""
+
+    def __init__(self, name, kind, layer_config, folded: FoldedWeights, output_plan=None, int4=False, **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.kind, self.cfg, self.output_plan, self.int4 = kind, layer_config, output_plan, int4
+        self.codes, self.step, self.per_channel = folded.codes, folded.step, folded.per_channel
+        self.bias_values = folded.bias.astype(np.float32)
+
+    def _kernel(self):
+        real = (_to_channels_last(self.kind, self.codes.astype(np.float64)) * self.step).astype(np.float32)
+        levels = 7 if self.int4 else 127
+        bits = 4 if self.int4 else 8
+        if self.per_channel:
+            lo, hi = (-levels * self.step).astype(np.float32), (levels * self.step).astype(np.float32)
+            k = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+                tf.constant(real), lo, hi, num_bits=bits, narrow_range=True)
+        else:
+            s = float(self.step[0])
+            k = tf.quantization.fake_quant_with_min_max_vars(tf.constant(real), -levels * s, levels * s,
+                                                             num_bits=bits, narrow_range=True)
+        return tf.reshape(k, self.codes.shape)
+
+    def call(self, x):
+        k = self._kernel()
+        c = self.cfg
+        if self.kind == "Conv2D":
+            y = tf.nn.conv2d(x, k, strides=c["strides"], padding=c["padding"].upper(), dilations=c["dilation_rate"])
+        elif self.kind == "DepthwiseConv2D":
+            y = tf.nn.depthwise_conv2d(x, k, strides=(1,) + tuple(c["strides"]) + (1,), padding=c["padding"].upper(),
+                                       dilations=c["dilation_rate"])
+        else:
+            y = tf.tensordot(x, k, axes=[[-1], [0]]) if x.shape.rank > 2 else tf.matmul(x, k)
+        y = y + self.bias_values
+        return emit(y, self.output_plan)
+
+
+class ExportWrapped(keras.layers.Layer):
+    """A float layer (activation, Add, pooling, ...) followed by its output grid."""
+
+    def __init__(self, name, inner, output_plan, **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.inner, self.output_plan = inner, output_plan
+
+    def call(self, *args, **kwargs):
+        plan = self.output_plan
+        if plan is not None and plan["kind"] == "uniform" and _is_relu(self.inner):
+            plan = dict(plan, nonnegative_input=True)  # the lower clamp at real 0 is the ReLU itself
+        return emit(self.inner(*args, **kwargs), plan)
+
+
+def _is_relu(layer):
+    kind = type(layer).__name__
+    if kind == "ReLU":
+        cfg = layer.get_config()
+        return not cfg.get("negative_slope") and not cfg.get("threshold")
+    if kind == "Activation":
+        return keras.activations.serialize(layer.activation) in ("relu", "relu6")
+    return False
+
+
+class ExportQuantize(keras.layers.Layer):
+    """A tensor's grid on its own (tfmot QuantizeLayer)."""
+
+    def __init__(self, name, plan, **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.plan = plan
+
+    def call(self, x):
+        return emit(x, self.plan)
+
+
+class ExportBatchNorm(keras.layers.Layer):
+    """BatchNormalization folded into the preceding layer: identity (plus its output grid)."""
+
+    def __init__(self, name, plan, **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.plan = plan
+
+    def call(self, x):
+        return emit(x, self.plan)
+
+
+# --- model rebuild ---------------------------------------------------------------------------
+def _output_plan(layer):
+    quantizer, qvars = costs.output_quantizer(layer)
+    if quantizer is None:
+        return None, None
+    grid = quantizer.integer_grid(qvars)
+    return activation_plan(grid, layer.name), grid
+
+
+def _foldable_bn(view, name):
+    """The BatchNormalization consuming weighted layer ``name`` alone, or None."""
+    consumers = view.consumers[name]
+    if len(consumers) != 1 or name in view.outputs:
+        return None
+    bn = view.layers[consumers[0]]
+    return bn if type(costs.inner_layer(bn)).__name__ == "BatchNormalization" else None
+
+
+@dataclasses.dataclass
+class ExportEntry:
+    layer: str
+    kind: str
+    grid: str
+    bits: Optional[int]
+    note: str
+
+
+def build_inference_model(model, int4_weights=False):
+    """(float Keras model with FakeQuant ops, report rows). See the module docstring."""
+    view = graph.GraphView(model)
+    folded_bn, report, replacements = {}, [], {}
+    for name, layer in view.layers.items():
+        inner = costs.inner_layer(layer)
+        kind = type(inner).__name__
+        if kind in WEIGHTED and layer is not inner:
+            bn = _foldable_bn(view, name)
+            plan, grid = _output_plan(layer)
+            if bn is not None:
+                if plan is not None:
+                    raise ExportError(f"{name}: output quantized before its BatchNormalization {bn.name}")
+                folded_bn[bn.name] = name
+            folded = fold_weights(layer, bn)
+            if int4_weights and folded.bits <= 4 and np.max(np.abs(folded.codes)) > 7:
+                raise ExportError(f"{name}: {folded.bits}-bit weight codes reach "
+                                  f"{int(np.max(np.abs(folded.codes)))} after folding, beyond INT4's [-7, 7]")
+            replacements[name] = ExportWeighted(name, kind, inner.get_config(), folded, plan,
+                                                int4=int4_weights and folded.bits <= 4)
+            report.append(ExportEntry(name, kind, "weights", folded.bits,
+                                      ("BatchNorm " + bn.name + " folded" if bn is not None else "no BatchNorm")
+                                      + (", INT4 storage" if int4_weights and folded.bits <= 4 else "")))
+            if plan is not None:
+                report.append(_activation_entry(name, grid, layer))
+        elif kind in WEIGHTED:
+            raise ExportError(f"{name}: {kind} is not quantized; tfq.export needs every weighted layer "
+                              "quantized (use tfq.quantize_model on the whole model)")
+    if int4_weights and not any(isinstance(r, ExportWeighted) and r.int4 for r in replacements.values()):
+        bits = sorted({e.bits for e in report if e.grid == "weights"})
+        raise ExportError(f"int4_weights=True but no weight grid has <= 4 bits (weight bits in "
+                          f"{model.name!r}: {bits}); INT4 storage needs weights quantized to 2..4 bits")
+    for name, layer in view.layers.items():
+        if name in replacements:
+            continue
+        kind = type(layer).__name__
+        plan, grid = _output_plan(layer)
+        if plan is not None:
+            report.append(_activation_entry(name, grid, layer))
+        if name in folded_bn:
+            replacements[name] = ExportBatchNorm(name, plan)
+        elif kind == "QuantizeLayer":
+            replacements[name] = ExportQuantize(name, plan)
+        elif kind.startswith("QuantizeWrapper"):
+            inner = costs.inner_layer(layer)
+            replacements[name] = ExportWrapped(name, inner.__class__.from_config(inner.get_config()), plan)
+        elif type(layer).__name__ == "BatchNormalization":
+            raise ExportError(f"{name}: BatchNormalization that does not follow a Conv/Dense cannot be "
+                              "folded; an integer model has no float BatchNorm")
+    _copy_inner_weights = []
+
+    def clone(layer):
+        if layer.name in replacements:
+            new = replacements[layer.name]
+            if isinstance(new, ExportWrapped):
+                _copy_inner_weights.append((new.inner, layer.layer))
+            return new
+        copy = layer.__class__.from_config(layer.get_config())
+        _copy_inner_weights.append((copy, layer))
+        return copy
+
+    # batch 1 with static shapes: Reshape layers then export as one RESHAPE, not SHAPE/PACK ops
+    inputs = [keras.Input(batch_size=1, shape=t.shape[1:], dtype=t.dtype, name=t.name.split(":")[0])
+              for t in model.inputs]
+    export_model = keras.models.clone_model(model, input_tensors=inputs, clone_function=clone)
+    for new, old in _copy_inner_weights:
+        if old.weights:
+            new.set_weights(old.get_weights())
+    return export_model, report
+
+
+def _activation_entry(name, grid, layer):
+    quantizer, _ = costs.output_quantizer(layer)
+    note = ""
+    if isinstance(grid, UniformGrid):
+        learned = getattr(quantizer, "learn_offset", False)
+        if learned:
+            note = ("offset learned as a whole number of steps (straight-through rounding): zero point "
+                    f"{int(grid.zero_point)}, nothing folded")
+        else:
+            note = f"symmetric (zero point {int(grid.zero_point)})"
+    else:
+        note = "int8 input code -> output code table (exact staircase)"
+    return ExportEntry(name, "activation", type(grid).__name__, getattr(grid, "bits", None), note)
+
+
+def export_report(model, int4_weights=False) -> List[Dict[str, Any]]:
+    """Per layer/tensor: grid, bits and what export did (BN folding, zero points, tables)."""
+    return [dataclasses.asdict(e) for e in build_inference_model(model, int4_weights)[1]]
+
+
+def to_tflite(model, path=None, int4_weights=False, int8_io=True) -> bytes:
+    """Integer-only TFLite flatbuffer of a quantized model (see the module docstring).
+
+    ``int4_weights``: store weights of <= 4 bits as INT4 (requires every such layer's codes in
+    [-7, 7]); ``int8_io``: int8 input/output tensors (else float, with QUANTIZE/DEQUANTIZE only at
+    the model boundary). Raises ``ExportError`` naming the layer when a layer cannot be exported.
+    """
+    export_model, _ = build_inference_model(model, int4_weights)
+    converter = tf.lite.TFLiteConverter.from_keras_model(export_model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if int8_io:
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    if int4_weights:
+        converter._experimental_low_bit_qat = True
+    try:
+        flatbuffer = converter.convert()
+    except Exception as err:  # the converter's own message, with the model it concerns
+        raise ExportError(f"TFLite conversion of {model.name!r} failed: {err}") from err
+    check_integer_only(flatbuffer, model.name, allow_boundary=not int8_io)
+    if path is not None:
+        with open(path, "wb") as f:
+            f.write(flatbuffer)
+    return flatbuffer
+
+
+def op_names(flatbuffer):
+    from ai_edge_litert.interpreter import Interpreter
+    interp = Interpreter(model_content=flatbuffer)
+    return [op["op_name"] for op in interp._get_ops_details()]
+
+
+def check_integer_only(flatbuffer, name, allow_boundary=False):
+    """Raise if the graph holds FAKE_QUANT, or QUANTIZE/DEQUANTIZE away from the model boundary."""
+    from ai_edge_litert.interpreter import Interpreter
+    interp = Interpreter(model_content=flatbuffer)
+    inputs = {d["index"] for d in interp.get_input_details()}
+    outputs = {d["index"] for d in interp.get_output_details()}
+    bad = []
+    for op in interp._get_ops_details():
+        kind = op["op_name"]
+        if kind == "FAKE_QUANT":
+            bad.append(kind)
+        elif kind in ("QUANTIZE", "DEQUANTIZE"):
+            at_boundary = set(op["inputs"]) & inputs or set(op["outputs"]) & outputs
+            if not (allow_boundary and at_boundary):
+                bad.append(f"{kind} (tensor {list(op['outputs'])})")
+    if bad:
+        raise ExportError(f"{name}: exported graph is not integer-only; it holds {', '.join(bad)}")
+
+
+def to_integer_graph(model, int4_weights=False):
+    """The model as an ``IntegerGraph`` (int8/int32 NumPy engine, TFLite reference semantics).
+
+    Built from the same integer-only flatbuffer ``to_tflite`` emits, so both hold the same codes,
+    int32 biases (activation zero points folded in by the kernels' ``x - z`` terms) and fixed-point
+    multipliers; ``IntegerGraph.run`` is bit-exact with TFLite's reference kernels.
+    """
+    from tfq.export.integer import IntegerGraph
+    return IntegerGraph.from_tflite(to_tflite(model, int4_weights=int4_weights))
