@@ -23,11 +23,10 @@ import os
 import statistics
 import sys
 import time
-import traceback
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
-import tf_keras as keras
 
+from benchmarks.common import save_figure, describe_error, save_row, write
 from tfq import costs, train
 from tfq import data as tfq_data
 from tfq import models as tfq_models
@@ -122,11 +121,7 @@ def plot(results, path):
         ax.set_ylabel("bit-width N")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None):
@@ -171,19 +166,11 @@ def main(argv=None):
                     row["epoch_ratio_to_float"] = (row["median_epoch_seconds"] / float_epoch
                                                    if float_epoch else None)
                 except Exception as err:  # one failing variant is a result, not a crash
-                    row = {"model": model_name, "scenario": scenario, "lambda": lam,
-                           "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
-                    traceback.print_exc(limit=3)
-                print(json.dumps({k: v for k, v in row.items() if k != "trace"}), flush=True)
-                results["variants"].append(row)
-                keras.backend.clear_session()
-                os.makedirs(os.path.dirname(args.out), exist_ok=True)
-                with open(args.out, "w") as f:
-                    json.dump(results, f, indent=1)
+                    row = {"model": model_name, "scenario": scenario, "lambda": lam, "error": describe_error(err)}
+                save_row(results, row, args.out, hide=("trace",))
     path = plot(results, args.plot)
     results["plot"] = os.path.relpath(path, os.path.dirname(HERE)) if path else None
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    write(results, args.out)
     return results
 
 

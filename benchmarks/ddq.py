@@ -16,11 +16,11 @@ import json
 import os
 import sys
 import time
-import traceback
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 import tf_keras as keras
 
+from benchmarks.common import save_figure, describe_error, save_row, write
 from benchmarks.lsq import median_epoch
 from tfq import costs, train
 from tfq import data as tfq_data
@@ -80,11 +80,7 @@ def plot_bits(results, path):
                  f"{results['protocol']['target_bits']} bits/weight (ddq.txt fig. 3)")
     ax.set_ylim(0, 10)
     ax.legend(fontsize=8, ncol=3, loc="upper center")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None):
@@ -145,19 +141,11 @@ def main(argv=None):
                 float_epoch = row["median_epoch_seconds"]
             row["epoch_ratio_to_float"] = row["median_epoch_seconds"] / float_epoch if float_epoch else None
         except Exception as err:  # a variant that fails is a result, not a crash
-            row.update(error=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
-            traceback.print_exc(limit=3)
-        print(json.dumps({k: v for k, v in row.items() if k not in ("schedule_history", "layer_params")}),
-              flush=True)
-        results["variants"].append(row)
-        keras.backend.clear_session()
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+            row.update(error=describe_error(err))
+        save_row(results, row, args.out, hide=("schedule_history", "layer_params"))
     plot = plot_bits(results, args.plot)
     results["plot"] = os.path.relpath(plot, os.path.dirname(HERE)) if plot else None
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    write(results, args.out)
     return results
 
 

@@ -15,11 +15,11 @@ import os
 import statistics
 import sys
 import time
-import traceback
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 import tf_keras as keras
 
+from benchmarks.common import describe_error, save_row
 from tfq import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -90,14 +90,8 @@ def main(argv=None):
                 float_epoch = row["median_epoch_seconds"]
             row["epoch_ratio_to_float"] = row["median_epoch_seconds"] / float_epoch if float_epoch else None
         except Exception as err:  # a peer that cannot quantize this model is a result, not a crash
-            row.update(error=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
-            traceback.print_exc(limit=2)
-        print(json.dumps(row), flush=True)
-        results["variants"].append(row)
-        keras.backend.clear_session()
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+            row.update(error=describe_error(err))
+        save_row(results, row, args.out)
     return results
 
 

@@ -17,12 +17,11 @@ import json
 import os
 import sys
 import time
-import traceback
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 import numpy as np
-import tf_keras as keras
 
+from benchmarks.common import describe_error, save_row
 from benchmarks.lsq import median_epoch
 from tfq import costs, train
 from tfq.quantizers import n2uq
@@ -93,14 +92,8 @@ def main(argv=None):
                 float_epoch = row["median_epoch_seconds"]
             row["epoch_ratio_to_float"] = row["median_epoch_seconds"] / float_epoch if float_epoch else None
         except Exception as err:  # a variant that fails is a result, not a crash
-            row.update(error=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
-            traceback.print_exc(limit=2)
-        print(json.dumps({k: v for k, v in row.items() if k != "learned"}), flush=True)
-        results["variants"].append(row)
-        keras.backend.clear_session()
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+            row.update(error=describe_error(err))
+        save_row(results, row, args.out, hide=("learned",))
     return results
 
 

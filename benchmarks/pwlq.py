@@ -19,12 +19,12 @@ import json
 import os
 import sys
 import time
-import traceback
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 import numpy as np
 import tf_keras as keras
 
+from benchmarks.common import describe_error, save_row
 from tfq import costs, data, models, train
 from tfq.ptq.pwlq import pwlq
 
@@ -147,14 +147,8 @@ def main(argv=None):
                                logits_mse=float(np.mean((logits - float_logits) ** 2)),
                                weight_memory_bits=float(costs.weight_memory(q)))
                 except Exception as err:  # a variant that fails is a result, not a crash
-                    row.update(error=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
-                    traceback.print_exc(limit=3)
-                print(json.dumps(row), flush=True)
-                results["variants"].append(row)
-                keras.backend.clear_session()
-                os.makedirs(os.path.dirname(args.out), exist_ok=True)
-                with open(args.out, "w") as f:
-                    json.dump(results, f, indent=1)
+                    row.update(error=describe_error(err))
+                save_row(results, row, args.out)
     return results
 
 

@@ -44,7 +44,54 @@ def lsq_table(results):
     return "\n".join(rows)
 
 
-TABLES = {"lsq": lsq_table}
+def _machine_line(results):
+    m = results["machine"]
+    return (f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), TensorFlow {m['tensorflow']}, "
+            f"LiteRT {m.get('litert', '?')}; command: `{results['command']}`.")
+
+
+def export_table(results):
+    rows = ["| model | W/A bits | Keras acc. | TFLite acc. | IntegerGraph acc. | TFLite within 1 step | "
+            "IntegerGraph = reference kernels | fp32 KiB | int8 KiB | int4-w KiB | fp32/int8 | tfmot n-bit exports? |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for v in results["variants"]:
+        bits = f"{v['weight_bits']}/{v['activation_bits']}"
+        if "error" in v:
+            rows.append(f"| {v['model']} | {bits} | error: {v['error'][:100]} |" + " |" * 9)
+            continue
+        p = v["parity"]
+        kib = lambda key: _fmt(v[key] / 1024 if key in v else None, ".1f")  # noqa: E731
+        rows.append(
+            f"| {v['model']} | {bits} | {v['keras_accuracy']:.4f} | {v['tflite_accuracy']:.4f} | "
+            f"{v['integer_graph_accuracy']:.4f} | {100 * p['xnnpack']['within_one_step']:.2f}% | "
+            f"{p['integer_graph_vs_reference']['bit_exact']} | {kib('fp32_bytes')} | {kib('int8_bytes')} | "
+            f"{kib('int4_weights_bytes')} | {v['fp32_bytes'] / v['int8_bytes']:.2f}x | "
+            f"{v['tfmot_nbit_exports'][:80]} |")
+    protocol = results["protocol"]
+    rows.append("")
+    rows.append(_machine_line(results) + f" LSQ+ config {protocol['config']}, fine-tuning epochs "
+                f"{protocol['epochs']} on {protocol.get('limit') or 'all 60000'} examples; accuracies on the full "
+                "10,000-image test set; parity on the first 2,000 test images.")
+    return "\n".join(rows)
+
+
+def latency_table(results):
+    rows = ["| network | variant | size ratio to fp32 | speed-up 1 thread (median) | speed-up 2 threads (median) |",
+            "|---|---|---|---|---|"]
+    for net in results["networks"]:
+        for name, v in net["variants"].items():
+            if name == "fp32":
+                continue
+            rows.append(f"| {net['network']} | {name} | {_fmt(v.get('size_ratio_to_fp32'), '.2f')}x | "
+                        f"{_fmt(v.get('speedup_1_threads'), '.2f')}x | {_fmt(v.get('speedup_2_threads'), '.2f')}x |")
+        for name, err in net.get("export_errors", {}).items():
+            rows.append(f"| {net['network']} | {name} | export failed: {str(err)[:100]} | | |")
+    rows.append("")
+    rows.append(_machine_line(results) + f" {results.get('note', '')}")
+    return "\n".join(rows)
+
+
+TABLES = {"lsq": lsq_table, "export": export_table, "latency": latency_table}
 
 
 def main():

@@ -2,7 +2,7 @@
 import argparse
 import importlib
 
-BENCHMARKS = ("lsq",)
+BENCHMARKS = ("lsq", "export", "latency", "pwlq", "n2uq", "ddq", "adaqat")
 
 
 def main():

@@ -69,8 +69,10 @@ def _per_channel(step, kernel_shape, axis, n_out):
         return np.full(n_out, float(step)), False
     flat = step.reshape(-1)
     if flat.size != n_out:
-        raise ExportError(f"weight scale has {flat.size} values for {n_out} output channels "
-                          f"(axis {axis} of kernel {kernel_shape})")
+        raise ExportError(f"weight scale has {flat.size} values for {n_out} output channels (axis {axis} of "
+                          f"kernel {kernel_shape}): scales that vary along input channels (PWLQ "
+                          "granularity='group') have no int8 TFLite form, whose convolutions carry one "
+                          "scale per output channel")
     return flat, True
 
 
@@ -83,6 +85,7 @@ class FoldedWeights:
     per_channel: bool
     bias: np.ndarray          # float, per output channel
     bits: int
+    kind: str = "Conv2D"
 
 
 def _output_channels(kind, kernel_shape):
@@ -132,7 +135,32 @@ def fold_weights(wrapper, batch_norm=None) -> FoldedWeights:
         raise ExportError(f"{name}: weight code {int(np.max(np.abs(codes)))} does not fit TFLite's "
                           "symmetric int8 weights [-127, 127] (8-bit weights need narrow_range=True)")
     codes = codes.reshape(w_q.shape)
-    return FoldedWeights(codes.astype(np.int64), step, per_channel, bias, int(getattr(grid, "bits", 8)))
+    return FoldedWeights(codes.astype(np.int64), step, per_channel, bias, int(getattr(grid, "bits", 8)), kind)
+
+
+INT32_BIAS_LIMIT = 2 ** 30  # TFLite stores round(bias / (s_in * s_w)) in int32; keep a 2x margin
+
+
+def _keep_bias_in_int32(folded, view, name):
+    """Raise the weight step of channels whose int32 bias would overflow (a learned scale that
+    collapsed to ~0: the channel's kernel is ~0 and its output is its bias). Returns a report note."""
+    quantizer, qvars = costs.input_quantizer(view, name)
+    if quantizer is None:
+        return ""
+    s_in = float(np.max(np.asarray(quantizer.integer_grid(qvars).scale)))
+    needed = np.abs(folded.bias) / (s_in * INT32_BIAS_LIMIT)
+    bad = np.nonzero(folded.step < needed)[0]
+    if bad.size == 0:
+        return ""
+    codes = _to_channels_last(folded.kind, folded.codes.astype(np.float64))
+    for c in bad:
+        new_step = needed[c] * 1.01
+        codes[..., c] = np.round(codes[..., c] * folded.step[c] / new_step)
+        folded.step[c] = new_step
+    folded.codes = codes.reshape(folded.codes.shape).astype(np.int64)
+    folded.per_channel = True
+    return (f", weight step of channel(s) {bad.tolist()} raised to keep the int32 bias in range "
+            "(their learned scale had collapsed; kernels ~0)")
 
 
 def _bn_params(bn, n_out):
@@ -257,6 +285,13 @@ class ExportWeighted(keras.layers.Layer):
         elif self.kind == "DepthwiseConv2D":
             y = tf.nn.depthwise_conv2d(x, k, strides=(1,) + tuple(c["strides"]) + (1,), padding=c["padding"].upper(),
                                        dilations=c["dilation_rate"])
+        elif self.per_channel:
+            # per-channel Dense as a 1x1 convolution: TFLite's FULLY_CONNECTED would need the kernel
+            # transposed, which the converter refuses for per-channel quantized weights
+            n_in, n_out = self.codes.shape
+            shape = tf.shape(x)
+            y = tf.nn.conv2d(tf.reshape(x, [-1, 1, 1, n_in]), tf.reshape(k, [1, 1, n_in, n_out]), 1, "VALID")
+            y = tf.reshape(y, tf.concat([shape[:-1], [n_out]], 0))
         else:
             y = tf.tensordot(x, k, axes=[[-1], [0]]) if x.shape.rank > 2 else tf.matmul(x, k)
         y = y + self.bias_values
@@ -351,14 +386,18 @@ def build_inference_model(model, int4_weights=False):
                     raise ExportError(f"{name}: output quantized before its BatchNormalization {bn.name}")
                 folded_bn[bn.name] = name
             folded = fold_weights(layer, bn)
-            if int4_weights and folded.bits <= 4 and np.max(np.abs(folded.codes)) > 7:
-                raise ExportError(f"{name}: {folded.bits}-bit weight codes reach "
-                                  f"{int(np.max(np.abs(folded.codes)))} after folding, beyond INT4's [-7, 7]")
-            replacements[name] = ExportWeighted(name, kind, inner.get_config(), folded, plan,
-                                                int4=int4_weights and folded.bits <= 4)
-            report.append(ExportEntry(name, kind, "weights", folded.bits,
-                                      ("BatchNorm " + bn.name + " folded" if bn is not None else "no BatchNorm")
-                                      + (", INT4 storage" if int4_weights and folded.bits <= 4 else "")))
+            note = "BatchNorm " + bn.name + " folded" if bn is not None else "no BatchNorm"
+            note += _keep_bias_in_int32(folded, view, name)
+            int4 = int4_weights and folded.bits <= 4
+            if int4 and np.max(np.abs(folded.codes)) > 7:
+                # code -8 negated by a negative BatchNorm gamma: INT4 storage is symmetric [-7, 7]
+                int4 = False
+                note += (f", INT8 storage: codes reach {int(np.max(np.abs(folded.codes)))} after folding "
+                         "(beyond INT4's [-7, 7])")
+            elif int4:
+                note += ", INT4 storage"
+            replacements[name] = ExportWeighted(name, kind, inner.get_config(), folded, plan, int4=int4)
+            report.append(ExportEntry(name, kind, "weights", folded.bits, note))
             if plan is not None:
                 report.append(_activation_entry(name, grid, layer))
         elif kind in WEIGHTED:

@@ -219,6 +219,18 @@ class TFQQuantizer(tfmot_quantizers.Quantizer, HasIntegerGrid):
                 f"{what} {getattr(self, '_name', '')!r} ({type(self).__name__}) has not seen any data: "
                 "train the model or run tfq.calibrate(model, data) before exporting")
 
+    def _resolve_axes(self, tensor_shape, name):
+        """Fix ``self.per_axis`` against the tensor's rank; sets ``_rank`` and ``_param_shape``
+        (the shape of one per-axis parameter) and returns the tensor shape."""
+        shape = tf.TensorShape(tensor_shape) if tensor_shape is not None else tf.TensorShape(None)
+        if self.per_axis is not None:
+            if shape.rank is None:
+                raise ValueError(f"{name}: per_axis needs a known tensor shape")
+            self.per_axis = normalize_axes(self.per_axis, shape.rank)
+        self._rank = shape.rank
+        self._param_shape = param_shape(shape, self.per_axis)
+        return shape
+
     # --- costs -------------------------------------------------------------------------------
     def effective_bits(self, weights):
         """Bits per value this quantizer currently stores, as a float32 scalar tensor (read by

@@ -245,13 +245,7 @@ class DDQQuantizer(base.TFQQuantizer):
 
     # --- variables -------------------------------------------------------------------------
     def _build_variables(self, tensor_shape, name, layer):
-        shape = tf.TensorShape(tensor_shape) if tensor_shape is not None else tf.TensorShape(None)
-        if self.per_axis is not None:
-            if shape.rank is None:
-                raise ValueError(f"{name}: per_axis needs a known tensor shape")
-            self.per_axis = base.normalize_axes(self.per_axis, shape.rank)
-        self._rank = shape.rank
-        self._param_shape = base.param_shape(shape, self.per_axis)
+        self._resolve_axes(tensor_shape, name)
         self._channels = int(np.prod(self._param_shape)) if self._param_shape else 1
         low = -1.0 if self.is_weight else 0.0
         uniform = np.linspace(low, 1.0, self.num_levels, dtype=np.float32)

@@ -1,0 +1,38 @@
+"""Helpers every benchmark script shares: recording a variant's row and its failure."""
+from __future__ import annotations
+
+import json
+import os
+import traceback
+
+
+def describe_error(err):
+    """One line for a variant that failed (a failing variant is a result, not a crash)."""
+    traceback.print_exc(limit=3)
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+
+
+def save_row(results, row, out, hide=()):
+    """Print ``row`` (without the bulky ``hide`` keys), append it to ``results`` and rewrite the
+    JSON at ``out`` so a long run leaves its finished rows on disk; frees the Keras session."""
+    import tf_keras as keras
+    print(json.dumps({k: v for k, v in row.items() if k not in hide}), flush=True)
+    results["variants"].append(row)
+    keras.backend.clear_session()
+    write(results, out)
+
+
+def write(results, out):
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def save_figure(fig, path):
+    """Write a matplotlib figure as a PNG (creating its folder) and close it; returns ``path``."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
