@@ -265,6 +265,8 @@ class ExportWeighted(keras.layers.Layer):
 
     def _kernel(self):
         real = (_to_channels_last(self.kind, self.codes.astype(np.float64)) * self.step).astype(np.float32)
+        if self.kind == "Dense" and self.per_channel:
+            real = real.reshape((1, 1) + real.shape)  # the 1x1 convolution's HWIO kernel, quantized as such
         levels = 7 if self.int4 else 127
         bits = 4 if self.int4 else 8
         if self.per_channel:
@@ -275,7 +277,7 @@ class ExportWeighted(keras.layers.Layer):
             s = float(self.step[0])
             k = tf.quantization.fake_quant_with_min_max_vars(tf.constant(real), -levels * s, levels * s,
                                                              num_bits=bits, narrow_range=True)
-        return tf.reshape(k, self.codes.shape)
+        return k if self.kind == "Dense" and self.per_channel else tf.reshape(k, self.codes.shape)
 
     def call(self, x):
         k = self._kernel()
@@ -290,7 +292,7 @@ class ExportWeighted(keras.layers.Layer):
             # transposed, which the converter refuses for per-channel quantized weights
             n_in, n_out = self.codes.shape
             shape = tf.shape(x)
-            y = tf.nn.conv2d(tf.reshape(x, [-1, 1, 1, n_in]), tf.reshape(k, [1, 1, n_in, n_out]), 1, "VALID")
+            y = tf.nn.conv2d(tf.reshape(x, [-1, 1, 1, n_in]), k, 1, "VALID")
             y = tf.reshape(y, tf.concat([shape[:-1], [n_out]], 0))
         else:
             y = tf.tensordot(x, k, axes=[[-1], [0]]) if x.shape.rank > 2 else tf.matmul(x, k)
@@ -403,8 +405,8 @@ def build_inference_model(model, int4_weights=False):
         elif kind in WEIGHTED:
             raise ExportError(f"{name}: {kind} is not quantized; tfq.export needs every weighted layer "
                               "quantized (use tfq.quantize_model on the whole model)")
-    if int4_weights and not any(isinstance(r, ExportWeighted) and r.int4 for r in replacements.values()):
-        bits = sorted({e.bits for e in report if e.grid == "weights"})
+    bits = sorted({e.bits for e in report if e.grid == "weights"})
+    if int4_weights and not any(b <= 4 for b in bits):
         raise ExportError(f"int4_weights=True but no weight grid has <= 4 bits (weight bits in "
                           f"{model.name!r}: {bits}); INT4 storage needs weights quantized to 2..4 bits")
     for name, layer in view.layers.items():

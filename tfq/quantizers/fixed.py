@@ -47,8 +47,9 @@ class FixedRangeQuantizer(base.TFQQuantizer):
     def effective_bits(self, weights):
         return tf.constant(8.0)
 
-    def _build_variables(self, tensor_shape, name, layer):
-        return {}
+    def build(self, tensor_shape, name, layer):
+        self._name = name
+        return {}  # nothing to learn or calibrate: no variables, not even an init flag
 
     def _forward(self, inputs, training, weights):
         return _fixed_fake_quant(tf.convert_to_tensor(inputs), tf.constant(self.scale),
