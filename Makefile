@@ -37,7 +37,7 @@ demo: install
 	$(VENV)/bin/tfq train --dataset=fashion_mnist --model=mobile_swish --method=lsq+ \
 	  --weight_bits=4 --activation_bits=4 --float_epochs=3 --epochs=2 --run_dir=$(RUN_DIR) \
 	  --cache_dir=runs/cache
-	$(VENV)/bin/tfq export $(RUN_DIR) --format=tflite --int4_weights --integer_limit=2000
+	$(VENV)/bin/tfq export $(RUN_DIR) --format=tflite --int4_weights --integer_limit=1000
 	$(VENV)/bin/tfq bench $(RUN_DIR)/model_fp32.tflite $(RUN_DIR)/model_int8.tflite \
 	  $(RUN_DIR)/model_int4w.tflite --target=host --threads=1 --runs=30
 

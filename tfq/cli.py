@@ -98,8 +98,10 @@ def _ptq(args):
     dataset = runs.run_metrics(source).get("dataset", FLAGS.dataset) if os.path.isdir(source) else FLAGS.dataset
     x, _ = data.load_numpy(dataset, "train", limit=FLAGS.calibration_examples)
     correction = {"true": True, "false": False}.get(FLAGS.bias_correction.lower(), FLAGS.bias_correction)
+    # PWLQ keeps activations at 8 bits (pwlq.txt) unless --activation_bits is given explicitly
+    activation_bits = FLAGS.activation_bits if FLAGS["activation_bits"].present else 8
     start = time.perf_counter()
-    q = tfq.ptq.pwlq(float_model, x, weight_bits=FLAGS.weight_bits, activation_bits=FLAGS.activation_bits,
+    q = tfq.ptq.pwlq(float_model, x, weight_bits=FLAGS.weight_bits, activation_bits=activation_bits,
                      breakpoint=FLAGS.breakpoint, granularity=FLAGS.granularity, bias_correction=correction,
                      bits_mean=FLAGS.bits_mean, method=FLAGS.ptq_method, first_last_bits=FLAGS.first_last_bits)
     seconds = time.perf_counter() - start
@@ -107,13 +109,13 @@ def _ptq(args):
     q.save(os.path.join(FLAGS.run_dir, "quantized.h5"))
     float_model.save(os.path.join(FLAGS.run_dir, "float.h5"))
     metrics = {"dataset": dataset, "method": FLAGS.ptq_method, "source": source, "weight_bits": FLAGS.weight_bits,
-               "activation_bits": FLAGS.activation_bits, "breakpoint": FLAGS.breakpoint,
+               "activation_bits": activation_bits, "breakpoint": FLAGS.breakpoint,
                "granularity": FLAGS.granularity, "bias_correction": FLAGS.bias_correction,
                "bits_mean": FLAGS.bits_mean, "ptq_seconds": seconds,
                "float_accuracy": evaluate(float_model, dataset), "quantized_accuracy": evaluate(q, dataset)}
     with open(os.path.join(FLAGS.run_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    print(f"{FLAGS.ptq_method} W{FLAGS.weight_bits}A{FLAGS.activation_bits} on {dataset}: float "
+    print(f"{FLAGS.ptq_method} W{FLAGS.weight_bits}A{activation_bits} on {dataset}: float "
           f"{metrics['float_accuracy']:.4f}, quantized {metrics['quantized_accuracy']:.4f} "
           f"({seconds:.1f} s); wrote {FLAGS.run_dir}")
 
