@@ -104,7 +104,7 @@ class MethodQuantizers:
 
 
 class LSQQuantizers(MethodQuantizers):
-    def __init__(self, activation_config=4, init="lsq+", weight_init=None):
+    def __init__(self, activation_config=4, init="lsq+", weight_init=None, narrow_range_weights=False):
         if activation_config not in lsq.ACTIVATION_CONFIGS:
             raise ValueError(f"activation_config must be one of {sorted(lsq.ACTIVATION_CONFIGS)} "
                              f"(lsq-plus.txt Table 1), got {activation_config!r}")
@@ -112,12 +112,14 @@ class LSQQuantizers(MethodQuantizers):
         self.activation_config = activation_config
         self.init = init
         self.weight_init = weight_init or init
+        self.narrow_range_weights = bool(narrow_range_weights)
         self.name = "lsq+" if (activation_config, init) != (1, "lsq") else "lsq"
 
     def weight_quantizer(self, layer, bits):
         kind = type(layer).__name__
         axes = configs.PER_CHANNEL_AXES[kind] if kind in ("Conv2D", "DepthwiseConv2D") else None
-        return lsq.weight_quantizer(bits, per_axis=axes, init=self.weight_init)
+        narrow = True if self.narrow_range_weights else bits == 8
+        return lsq.weight_quantizer(bits, per_axis=axes, init=self.weight_init, narrow_range=narrow)
 
     def activation_quantizer(self, bits, kind):
         if kind == "activation":
@@ -312,10 +314,15 @@ def methods():
 
 
 def LSQScheme(weight_bits=4, activation_bits=4, activation_config=4, init="lsq+", first_last_bits=8,
-              intermediate_bits=8, weight_init=None, quantize_inputs=True):
-    """LSQ+ (lsq-plus.txt): ``activation_config`` 1..4 of Table 1, ``init`` lsq+/lsq/minmax."""
-    return TFQScheme(LSQQuantizers(activation_config, init, weight_init), weight_bits, activation_bits,
-                     first_last_bits, intermediate_bits, quantize_inputs)
+              intermediate_bits=8, weight_init=None, quantize_inputs=True, narrow_range_weights=False):
+    """LSQ+ (lsq-plus.txt): ``activation_config`` 1..4 of Table 1, ``init`` lsq+/lsq/minmax.
+
+    ``narrow_range_weights``: symmetric weight codes [-(2^(b-1)-1), 2^(b-1)-1] at every bit-width
+    (always at 8 bits). Needed for INT4 storage of BatchNorm-folded layers: a negative gamma negates
+    the codes, and -8 has no INT4 negative.
+    """
+    return TFQScheme(LSQQuantizers(activation_config, init, weight_init, narrow_range_weights), weight_bits,
+                     activation_bits, first_last_bits, intermediate_bits, quantize_inputs)
 
 
 def _lsq_plain(weight_bits=4, activation_bits=4, first_last_bits=8, intermediate_bits=8, **options):

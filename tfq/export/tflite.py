@@ -395,7 +395,7 @@ def build_inference_model(model, int4_weights=False):
                 # code -8 negated by a negative BatchNorm gamma: INT4 storage is symmetric [-7, 7]
                 int4 = False
                 note += (f", INT8 storage: codes reach {int(np.max(np.abs(folded.codes)))} after folding "
-                         "(beyond INT4's [-7, 7])")
+                         "(beyond INT4's [-7, 7]; quantize with narrow_range_weights=True for INT4)")
             elif int4:
                 note += ", INT4 storage"
             replacements[name] = ExportWeighted(name, kind, inner.get_config(), folded, plan, int4=int4)
