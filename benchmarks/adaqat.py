@@ -26,7 +26,7 @@ import time
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 
-from benchmarks.common import save_figure, describe_error, save_row, write
+from benchmarks.common import describe_error, median_epoch, save_figure, save_row, write
 from tfq import costs, train
 from tfq import data as tfq_data
 from tfq import models as tfq_models
@@ -39,9 +39,6 @@ PLOT = os.path.join(os.path.dirname(HERE), "docs", "adaqat_bits.png")
 SCENARIOS = ("finetune", "scratch")
 
 
-def median_epoch(seconds):
-    later = seconds[1:] or seconds
-    return statistics.median(later)
 
 
 def _csv(text, cast):

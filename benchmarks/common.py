@@ -36,3 +36,23 @@ def save_figure(fig, path):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def median_epoch(seconds):
+    """Median epoch time over epochs 2..E (the first includes tracing); the only one if E = 1."""
+    import statistics
+    later = seconds[1:] or seconds
+    return statistics.median(later)
+
+
+def finetune_and_evaluate(model, args):
+    """The shared fine-tuning budget (``args.epochs``, ``learning_rate``, ``seed``, ``limit``) on
+    Fashion-MNIST, then test accuracy; returns the row fields every benchmark records."""
+    import time
+
+    from tfq import train
+    start = time.perf_counter()
+    seconds = train.finetune(model, "fashion_mnist", args.epochs, learning_rate=args.learning_rate,
+                             seed=args.seed, limit=args.limit, verbose=0)
+    return {"epoch_seconds": seconds, "median_epoch_seconds": median_epoch(seconds),
+            "keras_accuracy": train.evaluate(model, "fashion_mnist"), "total_seconds": time.perf_counter() - start}

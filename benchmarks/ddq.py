@@ -20,8 +20,8 @@ import time
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 import tf_keras as keras
 
-from benchmarks.common import save_figure, describe_error, save_row, write
-from benchmarks.lsq import median_epoch
+from benchmarks.common import describe_error, median_epoch, save_figure, save_row, write
+
 from tfq import costs, train
 from tfq import data as tfq_data
 

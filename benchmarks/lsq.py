@@ -12,24 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 import tf_keras as keras
 
-from benchmarks.common import describe_error, save_row
+from benchmarks.common import describe_error, finetune_and_evaluate, save_row
 from tfq import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(HERE, ".cache")
 RESULTS = os.path.join(HERE, "results")
-
-
-def median_epoch(seconds):
-    later = seconds[1:] or seconds
-    return statistics.median(later)
 
 
 def tfmot_variant(net, scheme_name, bits):
@@ -80,12 +73,7 @@ def main(argv=None):
                 model = tfmot_variant(net, method, bits)
             else:
                 model = tfq.quantize_model(net, method, weight_bits=bits, activation_bits=bits, **options)
-            start = time.perf_counter()
-            seconds = train.finetune(model, "fashion_mnist", args.epochs, learning_rate=args.learning_rate,
-                                     seed=args.seed, limit=args.limit, verbose=0)
-            row.update(epoch_seconds=seconds, median_epoch_seconds=median_epoch(seconds),
-                       keras_accuracy=train.evaluate(model, "fashion_mnist"),
-                       total_seconds=time.perf_counter() - start)
+            row.update(finetune_and_evaluate(model, args))
             if method == "float":
                 float_epoch = row["median_epoch_seconds"]
             row["epoch_ratio_to_float"] = row["median_epoch_seconds"] / float_epoch if float_epoch else None

@@ -16,13 +16,11 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 import numpy as np
 
-from benchmarks.common import describe_error, save_row
-from benchmarks.lsq import median_epoch
+from benchmarks.common import describe_error, finetune_and_evaluate, save_row
 from tfq import costs, train
 from tfq.quantizers import n2uq
 
@@ -77,12 +75,7 @@ def main(argv=None):
                 model = net
             else:
                 model = tfq.quantize_model(net, method, weight_bits=bits, activation_bits=bits, **options)
-            start = time.perf_counter()
-            seconds = train.finetune(model, "fashion_mnist", args.epochs, learning_rate=args.learning_rate,
-                                     seed=args.seed, limit=args.limit, verbose=0)
-            row.update(epoch_seconds=seconds, median_epoch_seconds=median_epoch(seconds),
-                       keras_accuracy=train.evaluate(model, "fashion_mnist"),
-                       total_seconds=time.perf_counter() - start)
+            row.update(finetune_and_evaluate(model, args))
             if method != "float":
                 row.update(weight_memory_bits=float(costs.weight_memory(model)),
                            bitops=float(costs.bitops(model)))
