@@ -22,9 +22,6 @@ import tensorflow as tf
 from tfq import graph
 
 FLOAT_BITS = 32.0
-#: layers whose output holds the values of their input (their producer's grid carries through)
-_VALUE_PRESERVING = ("Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "Flatten", "Reshape",
-                     "MaxPooling2D", "GlobalMaxPooling2D", "ZeroPadding2D", "Cropping2D", "Identity", "Permute")
 
 
 @dataclasses.dataclass
@@ -70,7 +67,7 @@ def input_quantizer(view, name):
         quantizer, qvars = output_quantizer(producer)
         if quantizer is not None:
             return quantizer, qvars
-        if type(inner_layer(producer)).__name__ not in _VALUE_PRESERVING:
+        if type(inner_layer(producer)).__name__ not in graph.VALUE_PRESERVING:
             return None, None
         producers = view.producers[producers[0]]
     return None, None

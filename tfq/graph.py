@@ -32,6 +32,16 @@ def _is_linear(activation):
 
 
 SWISH_NAMES = ("swish", "silu")
+#: layers whose output holds the values of their input: an integer model keeps their producer's grid
+VALUE_PRESERVING = ("Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "Flatten", "Reshape",
+                    "MaxPooling2D", "GlobalMaxPooling2D", "ZeroPadding2D", "Cropping2D", "Identity",
+                    "InputLayer", "Permute")
+
+
+def activation_name(layer):
+    """The registered name of an Activation layer's function ("relu", "swish", "hard_swish", ...)."""
+    name = keras.activations.serialize(layer.activation)
+    return name if isinstance(name, str) else name.get("config", {}).get("name", "")
 
 
 def _activation_name(layer_cfg):

@@ -31,9 +31,7 @@ from tfq.quantizers import fixed, lsq
 
 WEIGHTED = ("Conv2D", "DepthwiseConv2D", "Dense")
 BATCH_NORM = ("BatchNormalization",)
-PASS_THROUGH = ("Dropout", "SpatialDropout2D", "GaussianNoise", "GaussianDropout", "Flatten", "Reshape",
-                "MaxPooling2D", "GlobalMaxPooling2D", "ZeroPadding2D", "Cropping2D", "Identity",
-                "InputLayer", "Permute")
+PASS_THROUGH = graph.VALUE_PRESERVING
 ELEMENTWISE = ("Activation", "ReLU", "Add", "Subtract", "Multiply", "Concatenate", "Average", "Maximum",
                "AveragePooling2D", "GlobalAveragePooling2D", "Rescaling", "Normalization", "Softmax",
                "LeakyReLU", "UpSampling2D", "QuantizeLayer")
@@ -84,9 +82,7 @@ def _is_fusable_activation(layer):
         return (cfg.get("negative_slope", 0) in (0, 0.0) and cfg.get("threshold", 0) in (0, 0.0)
                 and cfg.get("max_value") in (None, 6, 6.0))
     if kind == "Activation":
-        name = keras.activations.serialize(layer.activation)
-        name = name if isinstance(name, str) else name.get("config", {}).get("name", "")
-        return name in FUSABLE_ACTIVATIONS
+        return graph.activation_name(layer) in FUSABLE_ACTIVATIONS
     return False
 
 
@@ -498,9 +494,7 @@ def _non_negative(view, name):
     if kind == "ReLU":
         return layer.get_config().get("negative_slope", 0) in (0, 0.0)
     if kind == "Activation":
-        activation = keras.activations.serialize(layer.activation)
-        activation = activation if isinstance(activation, str) else activation.get("config", {}).get("name", "")
-        return activation in _NON_NEGATIVE_ACTIVATIONS
+        return graph.activation_name(layer) in _NON_NEGATIVE_ACTIVATIONS
     if kind == "TFOpLambda":
         return layer.get_config().get("function") in _NON_NEGATIVE_TF_OPS
     if kind in _SIGN_PRESERVING and kind != "InputLayer":

@@ -32,6 +32,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from tfq import costs, graph
+from tfq.ptq import fold
 from tfq.quantizers.grid import CodebookGrid, PiecewiseGrid, ThresholdGrid, UniformGrid
 
 WEIGHTED = ("Conv2D", "DepthwiseConv2D", "Dense")
@@ -85,7 +86,7 @@ class FoldedWeights:
     per_channel: bool
     bias: np.ndarray          # float, per output channel
     bits: int
-    kind: str = "Conv2D"
+    kind: str
 
 
 def _output_channels(kind, kernel_shape):
@@ -124,9 +125,8 @@ def fold_weights(wrapper, batch_norm=None) -> FoldedWeights:
     bias = (np.asarray(inner.bias.numpy(), np.float64) if getattr(inner, "use_bias", False) and inner.bias is not None
             else np.zeros(n_out))
     if batch_norm is not None:
-        gamma, beta, mean, var = _bn_params(batch_norm, n_out)
-        factor = gamma / np.sqrt(var + costs.inner_layer(batch_norm).epsilon)
-        bias = (bias - mean) * factor + beta
+        factor, shift = fold.batch_norm_factors(costs.inner_layer(batch_norm))
+        bias = bias * factor + shift
         codes = codes * np.sign(np.where(factor == 0, 1.0, factor))
         step = step * np.abs(factor)
         step = np.where(step == 0, 1e-12, step)
@@ -161,14 +161,6 @@ def _keep_bias_in_int32(folded, view, name):
     folded.per_channel = True
     return (f", weight step of channel(s) {bad.tolist()} raised to keep the int32 bias in range "
             "(their learned scale had collapsed; kernels ~0)")
-
-
-def _bn_params(bn, n_out):
-    inner = costs.inner_layer(bn)
-    gamma = inner.gamma.numpy() if inner.scale else np.ones(n_out)
-    beta = inner.beta.numpy() if inner.center else np.zeros(n_out)
-    return (np.asarray(gamma, np.float64), np.asarray(beta, np.float64),
-            np.asarray(inner.moving_mean.numpy(), np.float64), np.asarray(inner.moving_variance.numpy(), np.float64))
 
 
 # --- activations -----------------------------------------------------------------------------
@@ -320,23 +312,13 @@ def _is_relu(layer):
         cfg = layer.get_config()
         return not cfg.get("negative_slope") and not cfg.get("threshold")
     if kind == "Activation":
-        return keras.activations.serialize(layer.activation) in ("relu", "relu6")
+        return graph.activation_name(layer) in ("relu", "relu6")
     return False
 
 
 class ExportQuantize(keras.layers.Layer):
-    """A tensor's grid on its own (tfmot QuantizeLayer)."""
-
-    def __init__(self, name, plan, **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.plan = plan
-
-    def call(self, x):
-        return emit(x, self.plan)
-
-
-class ExportBatchNorm(keras.layers.Layer):
-    """BatchNormalization folded into the preceding layer: identity (plus its output grid)."""
+    """A tensor's grid on its own: a tfmot QuantizeLayer, or a BatchNormalization folded into the
+    preceding layer (identity, plus the BatchNorm's output grid if it had one)."""
 
     def __init__(self, name, plan, **kwargs):
         super().__init__(name=name, **kwargs)
@@ -416,9 +398,7 @@ def build_inference_model(model, int4_weights=False):
         plan, grid = _output_plan(layer)
         if plan is not None:
             report.append(_activation_entry(name, grid, layer))
-        if name in folded_bn:
-            replacements[name] = ExportBatchNorm(name, plan)
-        elif kind == "QuantizeLayer":
+        if name in folded_bn or kind == "QuantizeLayer":
             replacements[name] = ExportQuantize(name, plan)
         elif kind.startswith("QuantizeWrapper"):
             inner = costs.inner_layer(layer)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tfq import graph
 from tfq.quantizers import base
 from tfq.quantizers.grid import UniformGrid
 
@@ -62,13 +63,11 @@ class FixedRangeQuantizer(base.TFQQuantizer):
 
 def fixed_range_op(layer):
     """The ``FIXED_RANGES`` key of a layer whose output range is fixed in TFLite, or None."""
-    import tf_keras as keras
     kind = type(layer).__name__
     if kind == "Softmax":
         return "softmax"
     if kind == "Activation":
-        name = keras.activations.serialize(layer.activation)
-        name = name if isinstance(name, str) else name.get("config", {}).get("name", "")
+        name = graph.activation_name(layer)
         return name if name in FIXED_RANGES else None
     if kind == "TFOpLambda":
         symbol = layer.get_config().get("function")
