@@ -55,6 +55,8 @@ def main(argv=None):
     work = os.path.join(CACHE, "export")
     os.makedirs(work, exist_ok=True)
     for model_name in args.models.split(","):
+        net, _ = train.float_model("fashion_mnist", model_name, args.float_epochs, cache_dir=CACHE, verbose=0)
+        fp32_bytes = runs.float_tflite(net, os.path.join(work, f"{model_name}_fp32.tflite"))
         for bits in [int(b) for b in args.bits.split(",")]:
             net, _ = train.float_model("fashion_mnist", model_name, args.float_epochs, cache_dir=CACHE, verbose=0)
             row = {"model": model_name, "weight_bits": bits, "activation_bits": bits,
@@ -70,7 +72,7 @@ def main(argv=None):
                 row["int8_bytes"] = len(int8)
                 if bits <= 4:
                     row["int4_weights_bytes"] = len(tflite.to_tflite(q, int4_weights=True))
-                row["fp32_bytes"] = runs.float_tflite(net, os.path.join(work, f"{model_name}_fp32.tflite"))
+                row["fp32_bytes"] = fp32_bytes
                 row["tflite_accuracy"] = runs.tflite_accuracy(int8, x_test, y_test)
                 graph = IntegerGraph.from_tflite(int8)
                 row["integer_graph_accuracy"] = runs.integer_graph_accuracy(graph, int8, x_test, y_test)

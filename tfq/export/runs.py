@@ -77,7 +77,8 @@ def export_run(run_dir, fmt="tflite", int4_weights=False, dataset=None, evaluate
     if float_path and os.path.exists(float_path):
         summary["fp32_bytes"] = float_tflite(load_run_model(run_dir, "float.h5"),
                                              os.path.join(out_dir, "model_fp32.tflite"))
-    graph = IntegerGraph.from_tflite(int8)
+    if fmt == "integer" or evaluate:
+        graph = IntegerGraph.from_tflite(int8)
     if fmt == "integer":
         summary["integer_graph_files"] = list(graph.save(os.path.join(out_dir, "integer_graph")))
     if evaluate:
