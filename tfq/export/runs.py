@@ -13,7 +13,7 @@ def load_run_model(run_dir, name="quantized.h5"):
     import tf_keras as keras
 
     from tfq.api import quantize_scope
-    path = run_dir if run_dir.endswith((".h5", ".keras")) or os.path.isdir(os.path.join(run_dir, "saved_model.pb")) \
+    path = run_dir if run_dir.endswith((".h5", ".keras")) or os.path.exists(os.path.join(run_dir, "saved_model.pb")) \
         else os.path.join(run_dir, name)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist: pass a run directory written by `tfq train` or "
