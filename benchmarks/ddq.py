@@ -34,16 +34,8 @@ DOCS = os.path.join(os.path.dirname(HERE), "docs")
 def finetune(model, args, schedule=None):
     """``tfq.train.finetune``'s recipe (same data order, optimizer and cosine schedule); a mixed
     DDQ model is compiled with the schedule's memory-constrained loss (sec. 3.1)."""
-    keras.utils.set_random_seed(args.seed)
-    data = tfq_data.load("fashion_mnist", "train", batch_size=args.batch_size, limit=args.limit, seed=args.seed)
-    train.compile_model(model, args.learning_rate, steps=max(1, args.epochs * int(data.cardinality())))
-    if schedule is not None:
-        model.compile(optimizer=model.optimizer, loss=schedule.constrained_loss(model, model.loss),
-                      metrics=["accuracy"])
-    timer = train.EpochTimer()
-    callbacks = [timer] + ([schedule] if schedule is not None else [])
-    model.fit(data, epochs=args.epochs, verbose=0, callbacks=callbacks)
-    return timer.seconds
+    return train.finetune(model, "fashion_mnist", args.epochs, args.batch_size, args.learning_rate, args.seed,
+                          args.limit, verbose=0, callbacks=[schedule] if schedule is not None else ())
 
 
 def memory_row(model):

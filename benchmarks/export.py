@@ -47,6 +47,8 @@ def main(argv=None):
     parser.add_argument("--float_epochs", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--limit", type=int, default=None, help="fine-tuning examples (protocol: all)")
+    parser.add_argument("--narrow_range_weights", type=int, default=1,
+                        help="1: symmetric weight codes at every bit-width (keeps folded layers INT4)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "export.json"))
     args = parser.parse_args(argv)
     x_test, y_test = data.load_numpy("fashion_mnist", "test")
@@ -60,11 +62,14 @@ def main(argv=None):
         for bits in [int(b) for b in args.bits.split(",")]:
             net, _ = train.float_model("fashion_mnist", model_name, args.float_epochs, cache_dir=CACHE, verbose=0)
             row = {"model": model_name, "weight_bits": bits, "activation_bits": bits,
-                   "activation_config": args.config}
+                   "activation_config": args.config, "narrow_range_weights": bool(args.narrow_range_weights)}
             try:
                 q = tfq.quantize_model(net, "lsq+", weight_bits=bits, activation_bits=bits,
-                                       activation_config=args.config)
+                                       activation_config=args.config,
+                                       narrow_range_weights=bool(args.narrow_range_weights))
                 train.finetune(q, "fashion_mnist", args.epochs, limit=args.limit, verbose=0)
+                row["keras_accuracy_before_bias_snap"] = train.evaluate(q, "fashion_mnist")
+                row["bias_snap"] = train.snap_biases_for_export(q)
                 row["keras_accuracy"] = train.evaluate(q, "fashion_mnist")
                 start = time.perf_counter()
                 int8 = tflite.to_tflite(q)

@@ -47,17 +47,29 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=None,
                         help="fine-tune on the first N training examples only (quick runs; protocol: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", default="float,lsq,lsq+,tfmot", help="variants to run")
+    parser.add_argument("--scale_parameterization", default="log", choices=["log", "linear"])
+    parser.add_argument("--scale_lr_multiplier", type=float, default=None,
+                        help="k of the log scale form (default: the scheme's)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "lsq.json"))
     args = parser.parse_args(argv)
+    methods = args.methods.split(",")
+    scale = {"scale_parameterization": args.scale_parameterization}
+    if args.scale_lr_multiplier is not None:
+        scale["scale_lr_multiplier"] = args.scale_lr_multiplier
     bits_list = [int(b) for b in args.bits.split(",")]
     configs = [int(c) for c in args.configs.split(",")]
 
-    variants = [("float", None, None)]
+    variants = [("float", None, None)]  # always: the epoch-time reference
     for bits in bits_list:
-        variants.append(("lsq", bits, {}))
-        variants += [("lsq+", bits, {"activation_config": c}) for c in configs]
-        variants.append(("tfmot-nbit", bits, None))
-    variants.append(("tfmot-8bit", 8, None))
+        if "lsq" in methods:
+            variants.append(("lsq", bits, dict(scale)))
+        if "lsq+" in methods:
+            variants += [("lsq+", bits, {"activation_config": c, **scale}) for c in configs]
+        if "tfmot" in methods:
+            variants.append(("tfmot-nbit", bits, None))
+    if "tfmot" in methods:
+        variants.append(("tfmot-8bit", 8, None))
 
     results = {"benchmark": "lsq", "command": "python -m benchmarks.lsq " + " ".join(argv or sys.argv[1:]),
                "protocol": vars(args), "machine": train.machine_info(), "variants": []}

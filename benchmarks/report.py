@@ -51,25 +51,28 @@ def _machine_line(results):
 
 
 def export_table(results):
-    rows = ["| model | W/A bits | Keras acc. | TFLite acc. | IntegerGraph acc. | TFLite within 1 step | "
-            "IntegerGraph = reference kernels | fp32 KiB | int8 KiB | int4-w KiB | fp32/int8 | tfmot n-bit exports? |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | W/A bits | Keras acc. before bias snap | Keras acc. | TFLite acc. | IntegerGraph acc. | "
+            "TFLite within 1 step | IntegerGraph = reference kernels | fp32 KiB | int8 KiB | int4-w KiB | fp32/int8 | "
+            "tfmot n-bit exports? |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in results["variants"]:
         bits = f"{v['weight_bits']}/{v['activation_bits']}"
         if "error" in v:
-            rows.append(f"| {v['model']} | {bits} | error: {v['error'][:100]} |" + " |" * 9)
+            rows.append(f"| {v['model']} | {bits} | error: {v['error'][:100]} |" + " |" * 10)
             continue
         p = v["parity"]
         kib = lambda key: _fmt(v[key] / 1024 if key in v else None, ".1f")  # noqa: E731
         rows.append(
-            f"| {v['model']} | {bits} | {v['keras_accuracy']:.4f} | {v['tflite_accuracy']:.4f} | "
+            f"| {v['model']} | {bits} | {_fmt(v.get('keras_accuracy_before_bias_snap'), '.4f')} | "
+            f"{v['keras_accuracy']:.4f} | {v['tflite_accuracy']:.4f} | "
             f"{v['integer_graph_accuracy']:.4f} | {100 * p['xnnpack']['within_one_step']:.2f}% | "
             f"{p['integer_graph_vs_reference']['bit_exact']} | {kib('fp32_bytes')} | {kib('int8_bytes')} | "
             f"{kib('int4_weights_bytes')} | {v['fp32_bytes'] / v['int8_bytes']:.2f}x | "
             f"{v['tfmot_nbit_exports'][:80]} |")
     protocol = results["protocol"]
     rows.append("")
-    rows.append(_machine_line(results) + f" LSQ+ config {protocol['config']}, fine-tuning epochs "
+    narrow = ", narrow-range (symmetric) weights" if protocol.get("narrow_range_weights") else ""
+    rows.append(_machine_line(results) + f" LSQ+ config {protocol['config']}{narrow}, fine-tuning epochs "
                 f"{protocol['epochs']} on {protocol.get('limit') or 'all 60000'} examples; accuracies on the full "
                 "10,000-image test set; parity on the first 2,000 test images.")
     return "\n".join(rows)

@@ -54,6 +54,7 @@ def _quantized(name, fashion, bits, config):
     q = tfq.quantize_model(_float_model(name, fashion), method="lsq+", weight_bits=bits, activation_bits=bits,
                            activation_config=config)
     tfq.calibrate(q, tf.data.Dataset.from_tensor_slices(fashion[0][:512]).batch(256).map(lambda x: (x,)), steps=2)
+    tfl.snap_biases(q)
     return q
 
 
@@ -66,7 +67,8 @@ def _export_and_verify(q, fashion, name, bits=8):
     assert not set(report["op_counts"]) & {"FAKE_QUANT", "QUANTIZE", "DEQUANTIZE"}, (name, report)
     # sub-8-bit grids clamp with int8 MINIMUM/MAXIMUM and LiteRT 2.3's XNNPACK runs neither those
     # nor int8 HARD_SWISH; everything else runs in XNNPACK
-    allowed = {"HARD_SWISH"} | (set() if bits == 8 else {"MINIMUM", "MAXIMUM"})
+    # (and a RELU whose input and output grids differ, as a 2-bit grid after swish gives)
+    allowed = {"HARD_SWISH"} | (set() if bits == 8 else {"MINIMUM", "MAXIMUM", "RELU"})
     assert set(report["ops_outside_xnnpack"]) <= allowed, (name, report)
     return flat, report
 
@@ -81,20 +83,42 @@ def _assert_parity(q, fashion, name, bits=8, within=0.999):
     return flat, report
 
 
-#: measured misses of the one-step target (see README "Export"): rounding differences between
-#: the float training graph and TFLite's integer kernels (int32 bias rounding, fixed-point
-#: HARD_SWISH, MEAN) flip codes near grid boundaries, and coarse grids downstream amplify them
-PARITY_GAP = ("known gap: Keras-vs-TFLite flips compound through mobile_swish (measured 29.5% of "
-              "outputs within one step at W4A4 c3, 97.7% at W8A8 c4); the training graph does not "
-              "yet emulate folded-BN int32 bias rounding")
+#: measured misses of the one-step target (README "Export"): with biases snapped onto the int32 grid
+#: (tfl.snap_biases), small_cnn meets it at every bit-width and configuration and mobile_swish at
+#: 8 bits; at W4A4/W2A2 mobile_swish stays below it in some configurations (measured 99.83% at W4A4
+#: c3, 90.3% at W4A4 c1): single-step differences of TFLite's int8 LOGISTIC/HARD_SWISH/MEAN kernels
+#: flip codes of the following coarse grids. The regression guard for those cells is 90%.
+PARITY_GAP = ("known gap: mobile_swish W4A4/W2A2 below 99.9% of outputs within one step of Keras in "
+              "some configurations; see README 'Export'")
 
 
 @pytest.mark.parametrize("config", [1, 2, 3, 4])
 def test_small_cnn_w4a4_every_activation_config(fashion, config):
-    """small_cnn meets the target on 3 of 4 configurations; config 2 measured 99.67% within one
-    step, so the regression guard here is 99.5% (the full target runs in test_full_grid)."""
     q = _quantized("small_cnn", fashion, 4, config)
-    _assert_parity(q, fashion, f"small_cnn W4A4 c{config}", 4, within=0.995)
+    _assert_parity(q, fashion, f"small_cnn W4A4 c{config}", 4)
+
+
+def test_snap_biases_puts_folded_biases_on_the_accumulator_grid(fashion):
+    """Hand check of snap_biases on a Conv -> BatchNorm: afterwards the folded bias
+    (b - mean) * gamma / sqrt(var + eps) + beta is a whole number of s_in * s_w' per channel, the
+    change is at most half such a step, and a second call changes nothing."""
+    q = _quantized("small_cnn", fashion, 4, 3)   # _quantized already snapped once
+    conv, bn = q.get_layer("quant_block2_conv"), q.get_layer("block2_bn")
+    view = tfq.graph.GraphView(q)
+
+    def folded_bias_and_step():
+        folded = tfl.fold_weights(conv, bn)
+        return folded.bias, tfl.input_step(view, conv.name) * folded.step
+
+    bias, acc = folded_bias_and_step()
+    np.testing.assert_allclose(bias / acc, np.round(bias / acc), atol=1e-3)
+    beta = bn.beta.numpy().copy()
+    bn.beta.assign(beta + 0.37 * acc)  # move every channel off the grid by 0.37 steps
+    rows = {r["layer"]: r for r in tfl.snap_biases(q)}
+    assert rows[conv.name]["changed"]
+    assert rows[conv.name]["max_accumulator_steps"] == pytest.approx(0.37, abs=1e-3)
+    np.testing.assert_allclose(bn.beta.numpy(), beta, atol=1e-4 * np.max(acc) + 1e-6)
+    assert not any(r["changed"] for r in tfl.snap_biases(q))
 
 
 @pytest.mark.parametrize("bits,config", [(4, 3), (8, 4)])
@@ -109,9 +133,11 @@ def test_mobile_swish_exports_integer_only_and_exact(fashion, bits, config):
 @pytest.mark.parametrize("config", [1, 2, 3, 4])
 def test_full_grid(fashion, name, bits, config):
     q = _quantized(name, fashion, bits, config)
-    if name == "mobile_swish":
-        _export_and_verify(q, fashion, f"{name} W{bits}A{bits} c{config}", bits)
-        pytest.xfail(PARITY_GAP)
+    if name == "mobile_swish" and bits < 8:
+        _, report = _assert_parity(q, fashion, f"{name} W{bits}A{bits} c{config}", bits, within=0.9)
+        if not ver.passes(report):
+            pytest.xfail(f"{PARITY_GAP}: measured {report['xnnpack']['within_one_step']:.4%}")
+        return
     _assert_parity(q, fashion, f"{name} W{bits}A{bits} c{config}", bits)
 
 
@@ -126,6 +152,7 @@ def test_mobilenet_v2(fashion, bits, config):
     base.fit(x, fashion[1][:256], epochs=1, verbose=0)
     q = tfq.quantize_model(base, method="lsq+", weight_bits=bits, activation_bits=bits, activation_config=config)
     tfq.calibrate(q, x[:128])
+    tfl.snap_biases(q)
     report = ver.verify(q, tfl.to_tflite(q), xt)
     assert report["xnnpack"]["within_one_step"] >= 0.999, report
     assert report["integer_graph_vs_reference"]["bit_exact"], report

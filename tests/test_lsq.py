@@ -38,9 +38,10 @@ def expected_grads(x, s, beta, n, p, upstream, g):
     return dx, ds * g, db * g
 
 
+@pytest.mark.parametrize("parameterization, k", [("linear", 1.0), ("log", 1.0), ("log", 10.0)])
 @pytest.mark.parametrize("config", [1, 2, 3, 4])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_gradients_match_eq3_eq4_for_every_configuration(config, bits):
+def test_gradients_match_eq3_eq4_for_every_configuration(config, bits, parameterization, k):
     signed, learn_offset = lsq.ACTIVATION_CONFIGS[config]
     n, p = lsq.qrange(bits, signed)
     s = 0.25
@@ -49,9 +50,10 @@ def test_gradients_match_eq3_eq4_for_every_configuration(config, bits):
     v = np.array([n - 3.3, n - 0.7, n + 0.2, (n + p) / 2 + 0.3, p - 0.4, p + 0.6, p + 5.1], np.float64)
     x = (v * s + beta).astype(np.float32).reshape(1, -1)
     upstream = np.linspace(0.5, 2.0, x.size).astype(np.float32).reshape(1, -1)
-    q = lsq.LSQQuantizer(bits=bits, signed=signed, learn_offset=learn_offset)
+    q = lsq.LSQQuantizer(bits=bits, signed=signed, learn_offset=learn_offset,
+                         scale_parameterization=parameterization, scale_lr_multiplier=k)
     layer, weights = build(q, x.shape)
-    weights["scale"].assign(s)
+    q.assign_scale(weights, s)
     if learn_offset:
         weights["offset"].assign(beta)
     weights["initialized"].assign(True)
@@ -60,12 +62,14 @@ def test_gradients_match_eq3_eq4_for_every_configuration(config, bits):
         tape.watch(xt)
         y = q(xt, training=True, weights=weights)
         loss = tf.reduce_sum(y * upstream)
-    variables = [weights["scale"]] + ([weights["offset"]] if learn_offset else [])
+    variables = [weights[q.scale_role]] + ([weights["offset"]] if learn_offset else [])
     grads = tape.gradient(loss, [xt] + variables)
     g = 1.0 / math.sqrt(x.size * p)
     dx, ds, db = expected_grads(x.astype(np.float64), s, beta, n, p, upstream.astype(np.float64), g)
     np.testing.assert_allclose(grads[0].numpy(), dx, atol=1e-6)
-    np.testing.assert_allclose(grads[1].numpy(), ds, rtol=1e-5, atol=1e-6)
+    # the log form trains u = log(s) / k: dL/du = k s dL/ds
+    ds_stored = ds * s * k if parameterization == "log" else ds
+    np.testing.assert_allclose(grads[1].numpy(), ds_stored, rtol=1e-5, atol=1e-6)
     if learn_offset:
         np.testing.assert_allclose(grads[2].numpy(), db, rtol=1e-5, atol=1e-6)
     # forward: eq. 2 by hand
@@ -89,7 +93,7 @@ def test_gradient_scale_is_one_over_sqrt_n_p():
 def test_integer_offset_snaps_to_whole_steps_and_passes_gradient_through():
     q = lsq.LSQQuantizer(bits=4, signed=False, learn_offset=True)
     layer, weights = build(q, (None, 3))
-    weights["scale"].assign(0.5)
+    q.assign_scale(weights, 0.5)
     weights["offset"].assign(-0.6)  # -1.2 steps -> snapped to -1 step = -0.5
     weights["initialized"].assign(True)
     x = tf.constant([[0.0, 1.0, 100.0]])
@@ -118,7 +122,7 @@ def test_weight_initialisations_per_output_channel():
         q = lsq.weight_quantizer(4, per_axis=-1, init=init)
         layer, weights = build(q, w.shape)
         q(tf.constant(w), training=False, weights=weights)  # weights initialise on any call
-        np.testing.assert_allclose(weights["scale"].numpy(), value, rtol=1e-4)
+        np.testing.assert_allclose(q.scale_numpy(weights), value, rtol=1e-4)
 
 
 def test_depthwise_axes_and_dense_per_tensor():
@@ -127,8 +131,8 @@ def test_depthwise_axes_and_dense_per_tensor():
     q = lsq.weight_quantizer(4, per_axis=(2, 3), init="minmax")
     layer, weights = build(q, w.shape)
     q(tf.constant(w), training=False, weights=weights)
-    assert weights["scale"].shape == (4, 2)
-    np.testing.assert_allclose(weights["scale"].numpy(),
+    assert weights[q.scale_role].shape == (4, 2)
+    np.testing.assert_allclose(q.scale_numpy(weights),
                                np.maximum(w.max((0, 1)) / 7, w.min((0, 1)) / -8), rtol=1e-5)
     # the scheme picks the right axes per layer type
     scheme = tfq.schemes.get("lsq+")
@@ -162,12 +166,12 @@ def test_activation_minmax_init_is_eq7():
     layer, weights = build(q, (None, 100))
     q(tf.constant(x), training=True, weights=weights)
     s = (2.7 + 0.3) / 3
-    assert weights["scale"].numpy() == pytest.approx(s, rel=1e-5)
+    assert q.scale_numpy(weights) == pytest.approx(s, rel=1e-5)
     assert weights["offset"].numpy() == pytest.approx(-0.3, abs=1e-5)  # beta = xmin - n*s, n = 0
     q1 = lsq.activation_quantizer(2, config=1, init="lsq")
     layer, weights = build(q1, (None, 100))
     q1(tf.constant(x), training=True, weights=weights)
-    assert weights["scale"].numpy() == pytest.approx(2 * np.abs(x).mean() / math.sqrt(3), rel=1e-5)
+    assert q1.scale_numpy(weights) == pytest.approx(2 * np.abs(x).mean() / math.sqrt(3), rel=1e-5)
 
 
 def test_activation_init_waits_for_a_training_batch():
@@ -179,9 +183,9 @@ def test_activation_init_waits_for_a_training_batch():
         q.integer_grid(weights)
     q(tf.ones((2, 3)), training=True, weights=weights)
     assert weights["initialized"].numpy()
-    before = weights["scale"].numpy()
+    before = q.scale_numpy(weights)
     q(10 * tf.ones((2, 3)), training=True, weights=weights)  # initialised once only
-    assert weights["scale"].numpy() == before
+    assert q.scale_numpy(weights) == before
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -189,6 +193,9 @@ def test_activation_init_waits_for_a_training_batch():
     (dict(bits=9), "bits must be an integer in \\[2, 8\\]"),
     (dict(bits=4.0), "bits must be an integer"),
     (dict(init="kaiming"), "init must be one of"),
+    (dict(scale_parameterization="sqrt"), "scale_parameterization must be one of"),
+    (dict(scale_lr_multiplier=0), "scale_lr_multiplier must be a number > 0"),
+    (dict(scale_parameterization="linear", scale_lr_multiplier=10), "scale_lr_multiplier is for"),
     (dict(per_axis=-1), "per_axis is only supported for weight quantizers"),
     (dict(learn_offset=True, is_weight=True), "symmetric"),
 ])
@@ -224,7 +231,7 @@ def test_integer_offset_keeps_zero_on_the_grid():
     need real 0 representable); the gradient still reaches beta."""
     q = lsq.LSQQuantizer(bits=2, signed=True, learn_offset=True)  # codes [-2, 1]
     layer, weights = build(q, (1, 3))
-    weights["scale"].assign(0.25)
+    q.assign_scale(weights, 0.25)
     weights["offset"].assign(-1.0)  # zero point 4, outside [-2, 1]
     weights["initialized"].assign(True)
     x = tf.constant([[-1.0, 0.0, 0.3]])
@@ -234,3 +241,28 @@ def test_integer_offset_keeps_zero_on_the_grid():
     np.testing.assert_allclose(y.numpy(), [[-0.75, 0.0, 0.0]], atol=1e-7)
     assert q.integer_grid(weights).zero_point == 1
     assert tape.gradient(y, weights["offset"]) is not None
+
+
+@pytest.mark.parametrize("parameterization", ["linear", "log"])
+def test_adam_steps_on_a_small_weight_scale(parameterization):
+    """Adam moves its variable by about lr per step whatever the gradient's size: on a linear
+    scale of 1e-3 ten steps of Adam(5e-4) drive it to the 1e-8 floor; on log s each step is a
+    relative change of at most about lr (exp(+-lr))."""
+    rng = np.random.default_rng(3)
+    w = tf.constant(np.abs(rng.normal(size=(3, 3, 2, 4))).astype(np.float32) + 0.5)
+    q = lsq.weight_quantizer(8, per_axis=-1, scale_parameterization=parameterization)
+    layer, weights = build(q, w.shape)
+    q.assign_scale(weights, np.full((4,), 1e-3, np.float32))
+    weights["initialized"].assign(True)
+    optimizer = keras.optimizers.Adam(5e-4)
+    variable = weights[q.scale_role]
+    for _ in range(10):
+        with tf.GradientTape() as tape:
+            # every value clips at the top of the range -> ds = p * g > 0 each step: s shrinks
+            loss = tf.reduce_sum(q(w, training=True, weights=weights))
+        optimizer.apply_gradients([(tape.gradient(loss, variable), variable)])
+    s = q.scale_numpy(weights)
+    if parameterization == "linear":
+        np.testing.assert_allclose(s, 1e-8)
+    else:
+        assert np.all(s <= 1e-3) and np.all(s >= 1e-3 * math.exp(-10 * 5e-4 * 1.001))

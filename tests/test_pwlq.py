@@ -259,7 +259,7 @@ def test_activation_bounds_are_calibration_bounds_of_float_tensors(trained_cnn, 
         scale = (high - low) / 255.0
         offset = -np.round(-low / scale) * scale
         quantizer, qvars = costs.output_quantizer(layers[qname])
-        np.testing.assert_allclose(qvars["scale"].numpy(), scale, rtol=1e-6, err_msg=qname)
+        np.testing.assert_allclose(quantizer.scale_numpy(qvars), scale, rtol=1e-6, err_msg=qname)
         np.testing.assert_allclose(qvars["offset"].numpy(), offset, rtol=1e-6, atol=1e-9, err_msg=qname)
         assert bool(qvars["initialized"].numpy())
 

@@ -161,3 +161,49 @@ def test_calibrate_touches_only_quantizers():
     np.testing.assert_array_equal(bn.numpy(), before)
     flags = [w for w in q.weights if w.name.endswith("_initialized:0")]
     assert flags and all(bool(f.numpy()) for f in flags)
+
+
+def test_a_layer_annotated_with_its_own_quantize_config_keeps_it():
+    """tfmot's way to quantize a custom layer: quantize_annotate_layer(layer, config). tfq must
+    accept the annotation (even for a layer type it does not support) and use that config."""
+    import tensorflow_model_optimization as tfmot
+
+    class KeepFloat(tfmot.quantization.keras.QuantizeConfig):
+        def get_weights_and_quantizers(self, layer):
+            return []
+
+        def get_activations_and_quantizers(self, layer):
+            return []
+
+        def set_quantize_weights(self, layer, quantize_weights):
+            pass
+
+        def set_quantize_activations(self, layer, quantize_activations):
+            pass
+
+        def get_output_quantizers(self, layer):
+            return []
+
+        def get_config(self):
+            return {}
+
+    class Scale(keras.layers.Layer):  # a custom layer tfq knows nothing about
+        def call(self, x):
+            return 2.0 * x
+
+    def build(annotate):
+        inputs = keras.Input((8, 8, 1))
+        x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+        scale = Scale(name="scale")
+        x = (tfmot.quantization.keras.quantize_annotate_layer(scale, KeepFloat()) if annotate else scale)(x)
+        outputs = keras.layers.Dense(3, name="dense")(keras.layers.Flatten()(x))
+        return keras.Model(inputs, outputs)
+
+    with pytest.raises(ValueError, match=r"scale \(Scale\)"):
+        tfq.quantize_model(build(False))  # un-annotated: named as unsupported
+    annotated = build(True)
+    with tfmot.quantization.keras.quantize_scope({"KeepFloat": KeepFloat, "Scale": Scale}):
+        q = tfq.quantize_model(annotated)
+    wrapper = q.get_layer("quant_scale")
+    assert isinstance(wrapper.quantize_config, KeepFloat)
+    assert isinstance(q.get_layer("quant_conv").quantize_config, LayerQuantizeConfig)

@@ -37,3 +37,27 @@ def test_tfq_train_writes_a_loadable_run_directory(tmp_path):
 def test_cli_rejects_unknown_command():
     out = subprocess.run([sys.executable, "-m", "tfq.cli", "fly"], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "COMMAND is one of train" in (out.stdout + out.stderr)
+
+
+@pytest.mark.parametrize("method, callback", [("adaqat", "AdaQAT"), ("ddq", "DDQGateSchedule")])
+def test_run_attaches_the_method_callback(tmp_path, method, callback):
+    """train.run trains AdaQAT with its bit-width callback and mixed DDQ with its gate schedule,
+    and records the per-layer bits the run ended with; the bias snap leaves Keras = export."""
+    options = {"callback_options": {"lambda_": 0.5}} if method == "adaqat" else {}
+    metrics = tfq.train.run(str(tmp_path / method), dataset="digits", model="small_cnn", method=method,
+                            weight_bits=4, activation_bits=4, float_epochs=1, epochs=1, batch_size=64,
+                            limit=256, verbose=0, **options)
+    assert metrics["callbacks"] == [callback]
+    rows = {r["layer"]: r for r in metrics["costs"]}
+    assert rows["TOTAL"]["params"] > 0 and rows["TOTAL"]["bitops"] > 0
+    if method == "adaqat":
+        # 4 steps from N_w = 4 cannot freeze; the bits must be the callback's ceil(N) (<= the initial 4)
+        middle = [r for name, r in rows.items() if name != "TOTAL" and r["weight_bits"] not in (8.0,)]
+        assert middle and all(2 <= r["weight_bits"] <= 4 for r in middle)
+    else:  # the schedule drives precision from max_bits (8) down toward the 4-bit budget
+        assert any(r["weight_bits"] < 8 for name, r in rows.items() if name != "TOTAL")
+
+
+def test_run_rejects_callback_options_for_a_method_without_callback(tmp_path):
+    with pytest.raises(ValueError, match="callback_options=.*'lsq\\+' trains without a callback"):
+        tfq.train.method_callbacks("lsq+", 4, callback_options={"lambda_": 0.1})

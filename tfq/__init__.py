@@ -8,7 +8,7 @@ import importlib as _importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("quantizers", "configs", "schemes", "callbacks", "costs", "ptq", "data", "models",
-               "export", "cli")
+               "export", "cli", "graph", "train", "report", "api")
 _API = {"quantize_model": "tfq.api", "quantize_scope": "tfq.api", "calibrate": "tfq.api"}
 
 

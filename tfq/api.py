@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 from tensorflow_model_optimization.python.core.quantization.keras import quantize as tfmot_quantize
@@ -25,8 +26,19 @@ def quantize_model(model, method="lsq+", **options):
     functional = graph.to_functional(model)
     graph.check_structure(functional)
     schemes.check_supported(functional)
+    check_finite_weights(functional)
     with quantize_scope():
         return tfmot_quantize.quantize_apply(annotate_model(functional), scheme)
+
+
+def check_finite_weights(model):
+    """Raise a ValueError naming every layer (and weight) holding NaN or Inf values: quantizer
+    initialisation from such weights gives NaN scales, and training cannot recover."""
+    bad = [f"{layer.name} ({w.name.split('/')[-1].split(':')[0]})" for layer in model.layers for w in layer.weights
+           if w.dtype.is_floating and not np.all(np.isfinite(keras.backend.get_value(w)))]
+    if bad:
+        raise ValueError(f"Model {model.name!r} has NaN or Inf weights in layer(s) {', '.join(bad)}; tfq "
+                         "quantizes weights whose values are all finite numbers")
 
 
 def annotate_model(model):
@@ -81,13 +93,25 @@ class QuantizeWrapper(quantize_wrapper.QuantizeWrapperV2):
 def calibrate(model, data, steps=1):
     """Initialise data-dependent quantizers from ``steps`` batches without changing anything
     else: runs the quantizers' training-mode initialisation while BatchNorm statistics and
-    all other weights are restored afterwards. ``data``: array, tensor or dataset of (x, y)."""
+    all other weights are restored afterwards. ``data``: array or tensor of inputs, or a dataset
+    of input batches or of (x, y, ...) batches; ``steps``: how many dataset batches to use."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"calibrate: steps must be a positive integer (dataset batches to use), got {steps!r}")
     if isinstance(data, tf.data.Dataset):
-        batches = [x for x, *_ in data.take(steps)]
+        batches = [element[0] if isinstance(element, (tuple, list)) else element for element in data.take(steps)]
     else:
         batches = [tf.convert_to_tensor(data)]
     if not batches:
-        raise ValueError("calibrate: data is empty")
+        raise ValueError("calibrate: data is empty; give at least one batch of example inputs")
+    for i, x in enumerate(batches):
+        values = np.asarray(x)
+        if values.ndim == 0 or values.shape[0] == 0:
+            raise ValueError(f"calibrate: data batch {i} is empty (shape {values.shape}); give at least one "
+                             "example input")
+        if values.dtype.kind in "fc" and not np.all(np.isfinite(values)):
+            raise ValueError(f"calibrate: data batch {i} contains NaN or Inf values "
+                             f"({int(np.size(values) - np.isfinite(values).sum())} of {values.size}); calibration "
+                             "needs finite inputs")
     keep = [(w, w.numpy()) for w in model.weights if qbase.variable_role(w) is None]
     for x in batches:
         model(x, training=True)

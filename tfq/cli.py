@@ -5,6 +5,7 @@
     tfq export RUN_DIR --format=tflite|integer [--int4_weights]
     tfq ptq    RUN_DIR_OR_MODEL --weight_bits=4 [--breakpoint=search --granularity=group ...]
     tfq bench  MODEL.tflite [MODEL2.tflite ...] --target=host|aarch64|android [--threads=1]
+    tfq report RUN_DIR [--report_examples=256]
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import sys
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-COMMANDS = ("train", "export", "ptq", "bench")
+COMMANDS = ("train", "export", "ptq", "bench", "report")
 
 # train
 flags.DEFINE_string("dataset", "fashion_mnist", "fashion_mnist or digits")
@@ -33,6 +34,8 @@ flags.DEFINE_float("learning_rate", 5e-4, "fine-tuning learning rate (cosine dec
 flags.DEFINE_integer("seed", 0, "random seed")
 flags.DEFINE_integer("limit", None, "use only the first N training examples (quick runs)")
 flags.DEFINE_string("run_dir", "runs/latest", "output directory (train, ptq)")
+flags.DEFINE_string("callback_options", None, "train: JSON options of the method's callback, e.g. "
+                    "'{\"lambda_\": 0.1}' for adaqat, '{\"alpha\": -0.02}' for ddq")
 flags.DEFINE_string("cache_dir", None, "float checkpoint cache (default RUN_DIR/cache)")
 # export
 flags.DEFINE_enum("format", "tflite", ["tflite", "integer"], "export format")
@@ -58,6 +61,8 @@ flags.DEFINE_string("benchmark_binary", None, "bench android: TFLite benchmark_m
 flags.DEFINE_string("cpu_mask", None, "bench android: taskset CPU mask, e.g. f0")
 flags.DEFINE_bool("emulate", False, "bench aarch64 on x86: check outputs under qemu-user (no timings)")
 flags.DEFINE_string("json", None, "bench: also write the results as JSON here")
+# report
+flags.DEFINE_integer("report_examples", 256, "report: test examples for activation histograms and MSE (0: none)")
 
 
 def _train(args):
@@ -68,6 +73,13 @@ def _train(args):
         options["activation_config"] = FLAGS.activation_config
     if FLAGS.init is not None:
         options["init"] = FLAGS.init
+    if FLAGS.callback_options:
+        try:
+            options["callback_options"] = json.loads(FLAGS.callback_options)
+        except json.JSONDecodeError as err:
+            raise app.UsageError(f"--callback_options must be a JSON object: {err}")
+        if not isinstance(options["callback_options"], dict):
+            raise app.UsageError("--callback_options must be a JSON object, e.g. '{\"lambda_\": 0.1}'")
     metrics = train.run(FLAGS.run_dir, dataset=FLAGS.dataset, model=FLAGS.model, method=FLAGS.method,
                         weight_bits=FLAGS.weight_bits, activation_bits=FLAGS.activation_bits,
                         first_last_bits=FLAGS.first_last_bits, float_epochs=FLAGS.float_epochs,
@@ -129,6 +141,12 @@ def _bench(args):
                         emulate=FLAGS.emulate, json_path=FLAGS.json))
 
 
+def _report(args):
+    from tfq import report
+    run_dir = _one_path("report", args, "RUN_DIR")
+    report.write_report(run_dir, examples=FLAGS.report_examples)
+
+
 def _no_args(command, args):
     if args:
         raise app.UsageError(f"tfq {command} takes only flags, got {args}")
@@ -143,7 +161,7 @@ def _one_path(command, args, what):
 def main(argv):
     if len(argv) < 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: tfq COMMAND [--flags]; COMMAND is one of {', '.join(COMMANDS)}")
-    {"train": _train, "export": _export, "ptq": _ptq, "bench": _bench}[argv[1]](argv[2:])
+    {"train": _train, "export": _export, "ptq": _ptq, "bench": _bench, "report": _report}[argv[1]](argv[2:])
 
 
 def run():

@@ -202,6 +202,9 @@ def load(name, split="train", batch_size=128, shuffle=None, seed=0, limit=None, 
             raise ValueError(f"image_size must be None or (height, width), got {image_size!r}")
         image_size = (int(image_size[0]), int(image_size[1]))
     x, y = load_numpy(name, split, limit=limit, download=download)
+    if len(x) == 0:
+        raise ValueError(f"limit={limit!r} leaves no {split!r} examples of {name!r}: a dataset needs limit >= 1 "
+                         "(or None for all)")
     if shuffle is None:
         shuffle = split == "train"
 

@@ -54,6 +54,10 @@ def unsupported_layers(model, skip=()):
         if layer.name in skip:
             continue
         kind = type(layer).__name__
+        if kind == "QuantizeAnnotate":
+            if getattr(layer, "quantize_config", None) is not None:
+                continue  # the user's QuantizeConfig says how to quantize it
+            layer, kind = layer.layer, type(layer.layer).__name__
         if kind == "TFOpLambda":
             symbol = layer.get_config().get("function")
             if symbol not in SUPPORTED_TF_OPS:
@@ -100,11 +104,20 @@ class MethodQuantizers:
 
 
 class LSQQuantizers(MethodQuantizers):
-    def __init__(self, activation_config=4, init="lsq+", weight_init=None, narrow_range_weights=False):
+    def __init__(self, activation_config=4, init="lsq+", weight_init=None, narrow_range_weights=False,
+                 scale_parameterization="log", scale_lr_multiplier=1.0):
         if activation_config not in lsq.ACTIVATION_CONFIGS:
             raise ValueError(f"activation_config must be one of {sorted(lsq.ACTIVATION_CONFIGS)} "
                              f"(lsq-plus.txt Table 1), got {activation_config!r}")
         qbase.check_choice(init, lsq.INITS, "init")
+        qbase.check_choice(scale_parameterization, lsq.SCALE_PARAMETERIZATIONS, "scale_parameterization")
+        self.scale_parameterization = scale_parameterization
+        self.scale_options = {"scale_parameterization": scale_parameterization}
+        if scale_parameterization == "log":
+            self.scale_options["scale_lr_multiplier"] = scale_lr_multiplier
+        elif scale_lr_multiplier != 1.0:
+            raise ValueError("scale_lr_multiplier is for scale_parameterization='log' (with 'linear' the "
+                             f"optimizer's learning rate applies to s), got {scale_lr_multiplier!r}")
         self.activation_config = activation_config
         self.init = init
         self.weight_init = weight_init or init
@@ -115,13 +128,15 @@ class LSQQuantizers(MethodQuantizers):
         kind = type(layer).__name__
         axes = configs.PER_CHANNEL_AXES[kind] if kind in ("Conv2D", "DepthwiseConv2D") else None
         narrow = True if self.narrow_range_weights else bits == 8
-        return lsq.weight_quantizer(bits, per_axis=axes, init=self.weight_init, narrow_range=narrow)
+        return lsq.weight_quantizer(bits, per_axis=axes, init=self.weight_init, narrow_range=narrow,
+                                    **self.scale_options)
 
     def activation_quantizer(self, bits, kind):
         if kind == "activation":
-            return lsq.activation_quantizer(bits, config=self.activation_config, init=self.init)
+            return lsq.activation_quantizer(bits, config=self.activation_config, init=self.init,
+                                            **self.scale_options)
         # tensors tfq adds at 8 bits (not in the paper): asymmetric, MSE-initialised
-        return lsq.activation_quantizer(bits, config=4, init="lsq+")
+        return lsq.activation_quantizer(bits, config=4, init="lsq+", **self.scale_options)
 
 
 class TFQScheme(quantize_scheme.QuantizeScheme):
@@ -302,7 +317,43 @@ def get(method, **options):
         return method
     if method not in _METHODS:
         raise ValueError(f"Unknown method {method!r}; available: {methods()}")
+    accepted = method_options(method)
+    unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
+    if unknown:
+        raise TypeError(f"method {method!r} has no option(s) {', '.join(unknown)}; its options: "
+                        f"{', '.join(accepted)}")
     return _METHODS[method](**options)
+
+
+def method_options(method):
+    """Names of the options ``quantize_model(method=method, **options)`` accepts, or None when they
+    cannot be read from the builder's signature. A builder taking ``**options`` forwards them to the
+    schemes.py function(s) it calls, whose parameters are included."""
+    import dis
+    import inspect
+
+    def names(function, seen):
+        if function in seen:
+            return set(), True
+        seen.add(function)
+        found, complete = set(), True
+        for p in inspect.signature(function).parameters.values():
+            if p.kind == p.VAR_KEYWORD:
+                loaded = {i.argval for i in dis.get_instructions(function) if i.opname == "LOAD_GLOBAL"}
+                callees = [function.__globals__.get(n) for n in sorted(loaded)]
+                callees = [c for c in callees if inspect.isfunction(c) and c.__module__ == __name__]
+                if not callees:
+                    return found, False
+                for callee in callees:
+                    more, ok = names(callee, seen)
+                    found |= more
+                    complete = complete and ok
+            elif p.kind != p.VAR_POSITIONAL:
+                found.add(p.name)
+        return found, complete
+
+    found, complete = names(_METHODS[method], set())
+    return sorted(found) if complete else None
 
 
 def methods():
@@ -310,14 +361,20 @@ def methods():
 
 
 def LSQScheme(weight_bits=4, activation_bits=4, activation_config=4, init="lsq+", first_last_bits=8,
-              intermediate_bits=8, weight_init=None, quantize_inputs=True, narrow_range_weights=False):
+              intermediate_bits=8, weight_init=None, quantize_inputs=True, narrow_range_weights=False,
+              scale_parameterization="log", scale_lr_multiplier=1.0):
     """LSQ+ (lsq-plus.txt): ``activation_config`` 1..4 of Table 1, ``init`` lsq+/lsq/minmax.
 
     ``narrow_range_weights``: symmetric weight codes [-(2^(b-1)-1), 2^(b-1)-1] at every bit-width
     (always at 8 bits). Needed for INT4 storage of BatchNorm-folded layers: a negative gamma negates
     the codes, and -8 has no INT4 negative.
+
+    ``scale_parameterization``: "log" (default; scales train as log s, so Adam's steps are relative)
+    or "linear" (the paper's s, for SGD); ``scale_lr_multiplier`` k: log(s)/k is trained, so each
+    Adam step changes s by about k times the learning rate. See ``tfq.quantizers.lsq``.
     """
-    return TFQScheme(LSQQuantizers(activation_config, init, weight_init, narrow_range_weights), weight_bits,
+    return TFQScheme(LSQQuantizers(activation_config, init, weight_init, narrow_range_weights,
+                                   scale_parameterization, scale_lr_multiplier), weight_bits,
                      activation_bits, first_last_bits, intermediate_bits, quantize_inputs)
 
 

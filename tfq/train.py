@@ -5,7 +5,8 @@ Run directory layout::
 
     RUN_DIR/
       float.h5              the float model (Keras 2 h5)
-      quantized.h5          the quantized model (load inside tfq.quantize_scope())
+      quantized.h5          the quantized model (load inside tfq.quantize_scope()), its biases
+                            snapped onto the integer model's int32 grid (tfq.export.snap_biases)
       metrics.json          options, accuracies, epoch times, per-quantizer parameters
       logs/                 TensorBoard: losses, accuracies, every quantizer's scale/offset
 """
@@ -20,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+from tfq import costs
 from tfq import data as tfq_data
 from tfq import models as tfq_models
 from tfq.api import quantize_model, quantize_scope
@@ -121,6 +123,10 @@ def finetune(model, dataset, epochs, batch_size=128, learning_rate=5e-4, seed=0,
     keras.utils.set_random_seed(seed)
     train = _dataset(dataset, "train", batch_size, limit, seed)
     compile_model(model, learning_rate, steps=max(1, epochs * int(train.cardinality())))
+    for callback in callbacks:
+        if hasattr(callback, "constrained_loss"):  # DDQ's memory-constrained loss (ddq.txt sec. 3.1)
+            model.compile(optimizer=model.optimizer, loss=callback.constrained_loss(model, model.loss),
+                          metrics=["accuracy"])
     timer = EpochTimer()
     cbs = [timer, *callbacks]
     if log_dir:
@@ -144,10 +150,43 @@ def machine_info():
             "date": time.strftime("%Y-%m-%d")}
 
 
+def method_callbacks(method, weight_bits, log_dir=None, method_options=None, callback_options=None):
+    """The callbacks a method trains with: AdaQAT's bit-width updates (``tfq.callbacks.AdaQAT``),
+    DDQ's gate schedule toward ``weight_bits`` bits per weight in mixed mode
+    (``tfq.callbacks.DDQGateSchedule``); none for the other methods."""
+    options = dict(callback_options or {})
+    if method == "adaqat":
+        from tfq.callbacks import AdaQAT
+        return [AdaQAT(log_dir=log_dir, **options)]
+    if method == "ddq" and (method_options or {}).get("mode", "mixed") == "mixed":
+        from tfq.callbacks import DDQGateSchedule
+        target = (method_options or {}).get("target_bits", weight_bits)
+        return [DDQGateSchedule(target, log_dir=log_dir, **options)]
+    if options:
+        raise ValueError(f"callback_options={options!r} given, but method={method!r} trains without a "
+                         "callback (only 'adaqat' and mixed-mode 'ddq' have one)")
+    return []
+
+
+def snap_biases_for_export(model):
+    """``tfq.export.snap_biases`` (biases onto the integer model's int32 grid, so the saved Keras
+    model computes what its export computes); a model that cannot be exported keeps its biases and
+    the returned dict says why."""
+    from tfq.export.tflite import ExportError, snap_biases
+    try:
+        rows = snap_biases(model)
+    except ExportError as err:
+        return {"changed": False, "error": str(err)}
+    moved = [r["max_output_steps"] for r in rows if r.get("max_output_steps") is not None]
+    return {"changed": any(r["changed"] for r in rows), "layers": len(rows),
+            "max_output_steps_moved": max(moved) if moved else 0.0}
+
+
 def run(run_dir, dataset="fashion_mnist", model="mobile_swish", method="lsq+", weight_bits=4,
         activation_bits=4, float_epochs=3, epochs=2, batch_size=128, learning_rate=5e-4, seed=0,
-        limit=None, cache_dir=None, verbose=1, **method_options):
-    """The main job (see module docstring). Returns the metrics dict."""
+        limit=None, cache_dir=None, verbose=1, callback_options=None, **method_options):
+    """The main job (see module docstring). Returns the metrics dict. ``callback_options`` go to
+    the method's training callback (``method_callbacks``)."""
     os.makedirs(run_dir, exist_ok=True)
     start = time.perf_counter()
     net, cache_path = float_model(dataset, model, float_epochs, batch_size, seed=seed, limit=limit,
@@ -155,16 +194,23 @@ def run(run_dir, dataset="fashion_mnist", model="mobile_swish", method="lsq+", w
     float_acc = evaluate(net, dataset)
     net.save(os.path.join(run_dir, "float.h5"))
     q = quantize_model(net, method, weight_bits=weight_bits, activation_bits=activation_bits, **method_options)
+    log_dir = os.path.join(run_dir, "logs")
+    callbacks = method_callbacks(method, weight_bits, log_dir, method_options, callback_options)
     seconds = finetune(q, dataset, epochs, batch_size, learning_rate, seed, limit,
-                       log_dir=os.path.join(run_dir, "logs"), verbose=verbose)
-    quant_acc = evaluate(q, dataset)
+                       log_dir=log_dir, verbose=verbose, callbacks=callbacks)
+    unsnapped_acc = evaluate(q, dataset)
+    snap = snap_biases_for_export(q)
+    quant_acc = evaluate(q, dataset) if snap["changed"] else unsnapped_acc
     q.save(os.path.join(run_dir, "quantized.h5"))
     metrics = {
         "dataset": dataset, "model": model, "method": method, "weight_bits": weight_bits,
         "activation_bits": activation_bits, "method_options": method_options, "float_epochs": float_epochs,
         "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed,
         "limit": limit, "float_checkpoint": cache_path, "float_accuracy": float_acc,
-        "quantized_accuracy": quant_acc, "epoch_seconds": seconds,
+        "quantized_accuracy": quant_acc, "quantized_accuracy_before_bias_snap": unsnapped_acc,
+        "callbacks": [type(c).__name__ for c in callbacks], "callback_options": callback_options or {},
+        "costs": costs.summary(q),
+        "bias_snap": snap, "epoch_seconds": seconds,
         "total_seconds": time.perf_counter() - start, "quantizers": quantizer_parameters(q),
         "machine": machine_info(),
     }

@@ -20,6 +20,12 @@ the wrapper in ``set_model`` (i.e. when ``fit`` starts) and removes it in ``on_t
    one; when it passes ``oscillation_limit`` N_x is set to the larger value (the new ceil(N_x))
    and is no longer updated or probed (plain QAT from then on).
 
+Under a ``tf.distribute`` strategy with several replicas the three probe losses are averaged over
+the replicas (weighted by their examples: the global batch's losses), so every replica applies the
+same update to its copy of N, equal to a single-device run; the probes then run unconditionally
+(a forward pass inside ``tf.cond`` cannot hold the collective of ``base.gather_first_batch``)
+and a frozen kind's result is discarded. See docs/distributed.md.
+
 The state (N, the crossing counts and the frozen flags) lives in the quantizers' variables, so it is
 saved with the model and in checkpoints; the callback keeps the copies of one kind equal. Per step
 the callback records N, ceil(N), BitOPs, gradients and probe losses in ``history`` (and in
@@ -51,6 +57,12 @@ def _check_non_negative(value, argument):
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not value >= 0:
         raise ValueError(f"{argument} must be a number >= 0, got {value!r}")
     return float(value)
+
+
+def _replicas_in_sync():
+    """Replicas of the ``tf.distribute`` strategy the train step runs under (1 outside one)."""
+    context = tf.distribute.get_replica_context()
+    return 1 if context is None else context.num_replicas_in_sync
 
 
 class AdaQAT(keras.callbacks.Callback):
@@ -129,6 +141,11 @@ class AdaQAT(keras.callbacks.Callback):
                           "restorable": restorable, "original": original, "had_own_step": had_own_step}
         model.train_step = self._wrap(original)
         model.train_function = None  # rebuilt with the wrapped step
+        # every value the wrapped step logs is the same on all replicas (merged metrics, all-reduced
+        # probes); Keras' "auto" would sum them over MultiWorkerMirroredStrategy workers
+        self._attached["reduction"] = getattr(model, "_distribute_reduction_method", None)
+        if self._attached["reduction"] in (None, "auto"):
+            model.distribute_reduction_method = "first"
 
     def detach(self):
         """Restore the model's own ``train_step``."""
@@ -139,6 +156,7 @@ class AdaQAT(keras.callbacks.Callback):
             model.train_step = self._attached["original"]
         else:
             model.__dict__.pop("train_step", None)
+        model.distribute_reduction_method = self._attached["reduction"]
         model.train_function = None
         self._attached = None
 
@@ -182,9 +200,10 @@ class AdaQAT(keras.callbacks.Callback):
                 raise ValueError("AdaQAT callback: compile the model with a single loss or pass loss= to the "
                                  f"callback (compiled loss: {loss!r})")
             loss = keras.losses.get(loss)
-        if isinstance(loss, keras.losses.Loss):
-            return tf.cast(loss(y, y_pred, sample_weight=sample_weight), tf.float32)
-        value = tf.cast(loss(y, y_pred), tf.float32)
+        # per-example values averaged here (SUM_OVER_BATCH_SIZE): a Loss object's own reduction is
+        # refused inside a tf.distribute strategy's replica context
+        per_example = loss.call if isinstance(loss, keras.losses.Loss) else loss
+        value = tf.cast(per_example(y, y_pred), tf.float32)
         if sample_weight is not None:
             value = value * tf.cast(tf.reshape(sample_weight, tf.shape(value)), tf.float32)
         return tf.reduce_mean(value)
@@ -203,22 +222,38 @@ class AdaQAT(keras.callbacks.Callback):
     def _probe(self, x, y, sample_weight):
         frozen_w, frozen_a = self._frozen("weight"), self._frozen("activation")
         restorable = self._attached["restorable"]
+        replicas = _replicas_in_sync()
+
+        def lowered(kind, frozen, loss):
+            if replicas > 1:  # no forward inside tf.cond: it may hold a collective (base.gather_first_batch)
+                return tf.where(frozen, loss, self._loss_one_bit_less(kind, x, y, sample_weight))
+            return tf.cond(frozen, lambda: tf.identity(loss),
+                           lambda: self._loss_one_bit_less(kind, x, y, sample_weight))
 
         def measure():
             saved = [tf.identity(v.read_value()) for v in restorable]
             with tf.control_dependencies(saved):
                 loss = self.task_loss(x, y, sample_weight)
-            loss_w = tf.cond(frozen_w, lambda: tf.identity(loss),
-                             lambda: self._loss_one_bit_less("weight", x, y, sample_weight))
-            loss_a = tf.cond(frozen_a, lambda: tf.identity(loss),
-                             lambda: self._loss_one_bit_less("activation", x, y, sample_weight))
+            loss_w = lowered("weight", frozen_w, loss)
+            loss_a = lowered("activation", frozen_a, loss)
             with tf.control_dependencies([loss, loss_w, loss_a]):
                 restored = [v.assign(value) for v, value in zip(restorable, saved)]
             with tf.control_dependencies(restored):
                 return tf.identity(loss), tf.identity(loss_w), tf.identity(loss_a)
 
         zero = tf.constant(0.0)
-        return tf.cond(tf.logical_and(frozen_w, frozen_a), lambda: (zero, zero, zero), measure)
+        both_frozen = tf.logical_and(frozen_w, frozen_a)
+        if replicas == 1:
+            return tf.cond(both_frozen, lambda: (zero, zero, zero), measure)
+        # under a strategy: every replica probes (even when frozen) and the three losses become
+        # the global batch's (example-weighted mean over replicas), so N is updated identically
+        # on every replica and as on a single device
+        examples = tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], tf.float32)
+        losses = tf.stack(measure())
+        total = tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, tf.concat([losses * examples, examples[None]], 0))
+        losses = tf.where(both_frozen, tf.zeros(3), total[:3] / total[3])
+        return losses[0], losses[1], losses[2]
 
     def _hardware_gradients(self):
         """dL_hard/dN for each kind (summed over the copies of N), L_hard = BitOPs / M."""

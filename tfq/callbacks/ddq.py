@@ -54,6 +54,12 @@ class DDQGateSchedule(keras.callbacks.Callback):
         schedule = tfq.callbacks.DDQGateSchedule(target_bits=4)
         model.compile(optimizer, loss=schedule.constrained_loss(model, loss), metrics=[...])
         model.fit(..., callbacks=[schedule])
+
+    Resuming: the schedule's position (step, starting footprint, budget, freeze) is a checkpoint
+    dependency of the model, so ``keras.callbacks.BackupAndRestore`` (best listed after the schedule, which
+    then has done its epoch-end work when the backup is taken) or a TF-format weights checkpoint restores
+    it, and a fit resumed at epoch k > 0 continues the ramp.
+    ``history`` holds only the epochs of the current ``fit``.
     """
 
     def __init__(self, target_bits, alpha=-0.02, ramp=0.5, stages=4, enforce=True, freeze_at_target=True,
@@ -80,6 +86,14 @@ class DDQGateSchedule(keras.callbacks.Callback):
         self.verbose = verbose
         self.alpha = tf.Variable(float(alpha), trainable=False, dtype=tf.float32, name="ddq_alpha")
         self.budget = tf.Variable(0.0, trainable=False, dtype=tf.float32, name="ddq_budget")
+        # the schedule's position, checkpointed with the model (see set_model) so that a fit resumed
+        # by BackupAndRestore continues the ramp where the interrupted one stopped
+        self._state = tf.Module(name="ddq_gate_schedule")
+        self._state.budget = self.budget
+        self._state.step = tf.Variable(0, trainable=False, dtype=tf.int64, name="ddq_step")
+        self._state.start = tf.Variable(0.0, trainable=False, dtype=tf.float64, name="ddq_start")
+        self._state.frozen = tf.Variable(False, trainable=False, name="ddq_frozen")
+        self._state.started = tf.Variable(False, trainable=False, name="ddq_started")
         self.history = []
         self.frozen = False
         self._writer = None
@@ -99,6 +113,12 @@ class DDQGateSchedule(keras.callbacks.Callback):
                              "tfq.quantize_model(model, method='ddq', mode='mixed', ...)")
         return rows
 
+    def set_model(self, model):
+        super().set_model(model)
+        # a checkpoint dependency of the model (not a layer or weight: h5 files are unchanged), so
+        # BackupAndRestore and TF-format checkpoints of the model save and restore the position
+        model._track_trackable(self._state, name="tfq_ddq_gate_schedule", overwrite=True)
+
     def on_train_begin(self, logs=None):
         model = self.model
         self._rows = self._mixed_rows(model)
@@ -110,6 +130,9 @@ class DDQGateSchedule(keras.callbacks.Callback):
                              "use alpha=0 for the projection-only schedule")
         self._layers = {r.name: self._kernel_and_quantizer(model, r.name) for r in self._rows}
         self._target = ddq.target_memory(model, self.target_bits, self._all_rows)
+        # a position restored before this point (load_weights, BackupAndRestore listed first); a
+        # fit that starts at epoch > 0 continues from it (see _resume)
+        self._restored = self._read_state()
         self._start = max(self.memory(), self._target)
         epochs = self.params.get("epochs") or 1
         steps = self.params.get("steps")
@@ -124,9 +147,44 @@ class DDQGateSchedule(keras.callbacks.Callback):
         self._frozen_values = None
         if self.log_dir:
             self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "ddq"))
-        self.budget.assign(self._budget_at(0))
+        self._write_state(step=0, start=self._start, frozen=False, budget=self._budget_at(0))
+        self._resumed = False
         if self.ramp == 0:
             self._finish_ramp()
+
+    # --- resuming ------------------------------------------------------------------------------
+    def _read_state(self):
+        s = self._state
+        return {"step": int(s.step.numpy()), "start": float(s.start.numpy()), "frozen": bool(s.frozen.numpy()),
+                "started": bool(s.started.numpy()), "budget": float(s.budget.numpy())}
+
+    def _write_state(self, step, start, frozen, budget):
+        s = self._state
+        s.step.assign(step)
+        s.start.assign(start)
+        s.frozen.assign(frozen)
+        s.budget.assign(budget)
+        s.started.assign(True)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch > 0 and not self._resumed and self._step == 0:
+            self._resume(epoch)
+        self._resumed = True
+
+    def _resume(self, epoch):
+        """A fit starting at ``epoch`` > 0 continues the checkpointed run's position (step, start,
+        budget, freeze): restored after ``on_train_begin`` (BackupAndRestore listed after this
+        callback) or before it (``load_weights``, BackupAndRestore listed first)."""
+        state = self._read_state()
+        if state["step"] == 0:  # nothing restored since on_train_begin
+            state = self._restored
+            if not state["started"] or state["step"] == 0:
+                return  # no saved position: the fresh start stands
+            self._write_state(state["step"], state["start"], state["frozen"], state["budget"])
+        self._step, self._start, self._epoch = state["step"], state["start"], epoch
+        self.frozen = state["frozen"]  # the restored gates are then the frozen ones
+        self._frozen_values = ([(qvars["gates"], qvars["gates"].numpy()) for _, _, qvars in self._layers.values()]
+                               if self.frozen else None)
 
     @staticmethod
     def _kernel_and_quantizer(model, name):
@@ -158,6 +216,7 @@ class DDQGateSchedule(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self._step += 1
+        self._state.step.assign(self._step)
         if self._frozen_values is not None:
             for var, value in self._frozen_values:
                 var.assign(value)
@@ -176,6 +235,7 @@ class DDQGateSchedule(keras.callbacks.Callback):
         if self.freeze_at_target and self.memory() <= self._target + 1e-6:
             self._frozen_values = [(qvars["gates"], qvars["gates"].numpy()) for _, _, qvars in self._layers.values()]
             self.frozen = True
+            self._state.frozen.assign(True)
 
     # --- projection onto the budget -----------------------------------------------------------
     def _relative_error(self, name, gates=None):

@@ -162,7 +162,7 @@ def _status_kb(key):
     return int(match.group(1)) if match else None
 
 
-def _reset_peak_rss():
+def reset_peak_rss():
     """Linux: writing 5 to /proc/self/clear_refs resets VmHWM (peak RSS) to the current RSS."""
     try:
         with open("/proc/self/clear_refs", "w") as handle:
@@ -241,7 +241,7 @@ def _memory_probe(path, threads, use_xnnpack, warmup):
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]   # no sibling-module shadowing
     import ai_edge_litert.interpreter  # noqa: F401  (the import's memory is the baseline, not the model's)
-    if not _reset_peak_rss():
+    if not reset_peak_rss():
         print(json.dumps({"peak_memory_mb": None}))
         return
     before = _status_kb("VmRSS")

@@ -138,16 +138,31 @@ def fold_weights(wrapper, batch_norm=None) -> FoldedWeights:
     return FoldedWeights(codes.astype(np.int64), step, per_channel, bias, int(getattr(grid, "bits", 8)), kind)
 
 
+def tensor_step(grid):
+    """Real value of one int8 code step of an activation tensor with ``grid`` (its output grid
+    for table grids), as the consuming integer kernel sees it."""
+    if isinstance(grid, ThresholdGrid):
+        return float(grid.out_scale)
+    return float(np.max(np.asarray(grid.scale)))
+
+
+def input_step(view, name):
+    """``tensor_step`` of the grid holding layer ``name``'s input, or None for a float input."""
+    quantizer, qvars = costs.input_quantizer(view, name)
+    if quantizer is None:
+        return None
+    return tensor_step(quantizer.integer_grid(qvars))
+
+
 INT32_BIAS_LIMIT = 2 ** 30  # TFLite stores round(bias / (s_in * s_w)) in int32; keep a 2x margin
 
 
 def _keep_bias_in_int32(folded, view, name):
     """Raise the weight step of channels whose int32 bias would overflow (a learned scale that
     collapsed to ~0: the channel's kernel is ~0 and its output is its bias). Returns a report note."""
-    quantizer, qvars = costs.input_quantizer(view, name)
-    if quantizer is None:
+    s_in = input_step(view, name)
+    if s_in is None:
         return ""
-    s_in = float(np.max(np.asarray(quantizer.integer_grid(qvars).scale)))
     needed = np.abs(folded.bias) / (s_in * INT32_BIAS_LIMIT)
     bad = np.nonzero(folded.step < needed)[0]
     if bad.size == 0:
@@ -443,6 +458,53 @@ def _activation_entry(name, grid, layer):
     return ExportEntry(name, "activation", type(grid).__name__, getattr(grid, "bits", None), note)
 
 
+def snap_biases(model):
+    """Move every weighted layer's (BatchNorm-folded) bias onto its int32 accumulator grid, in place.
+
+    The integer model adds ``round(bias' / (s_in * s_w'))`` to the int32 accumulator, i.e. a bias
+    rounded to a step of ``s_in * s_w'`` (per output channel, after BatchNorm folding). With coarse
+    inputs and weights that step can exceed the output's own step several times over (a 4-bit input
+    times 4-bit weights feeding an 8-bit BatchNorm output), so Keras and the integer model would
+    differ by whole output steps. This adds the rounding difference to the BatchNorm's beta (or the
+    layer's bias) so that the Keras model computes what the integer model computes. Call it once,
+    after training and before evaluating or exporting (``tfq.train.run`` does). Returns one row per
+    layer: the largest change in accumulator steps (<= 0.5) and in output steps.
+    """
+    view = graph.GraphView(model)
+    rows = []
+    for name, layer in view.layers.items():
+        inner = costs.inner_layer(layer)
+        if type(inner).__name__ not in WEIGHTED or layer is inner:
+            continue
+        bn = _foldable_bn(view, name)
+        folded = fold_weights(layer, bn)
+        _keep_bias_in_int32(folded, view, name)
+        s_in = input_step(view, name)
+        if s_in is None:
+            rows.append({"layer": name, "changed": False, "note": "float input: no integer bias"})
+            continue
+        accumulator_step = s_in * folded.step
+        delta = np.round(folded.bias / accumulator_step) * accumulator_step - folded.bias
+        target = costs.inner_layer(bn) if bn is not None else inner
+        if bn is not None and getattr(target, "center", True) and target.beta is not None:
+            target.beta.assign((target.beta.numpy() + delta).astype(np.float32))
+        elif getattr(inner, "use_bias", False) and inner.bias is not None:
+            factor = fold.batch_norm_factors(target)[0] if bn is not None else np.ones_like(delta)
+            safe = np.where(factor == 0, 1.0, factor)
+            inner.bias.assign((inner.bias.numpy() + np.where(factor == 0, 0.0, delta / safe)).astype(np.float32))
+        elif np.any(np.abs(delta) > 1e-3 * accumulator_step):
+            raise ExportError(f"{name}: its bias (from {bn.name if bn is not None else name}) has no variable "
+                              "to snap onto the int32 grid (BatchNorm center=False and use_bias=False)")
+        plan, grid = _output_plan(bn if bn is not None else layer)
+        out_step = tensor_step(grid) if grid is not None else None
+        # float32 storage leaves ~1e-7 relative residue: "changed" means moved by > 1e-3 steps
+        rows.append({"layer": name, "changed": bool(np.any(np.abs(delta) > 1e-3 * accumulator_step)),
+                     "max_accumulator_steps": float(np.max(np.abs(delta) / accumulator_step)),
+                     "max_output_steps": (float(np.max(np.abs(delta))) / out_step if out_step else None),
+                     "note": f"BatchNorm {bn.name} beta" if bn is not None else "bias"})
+    return rows
+
+
 def export_report(model, int4_weights=False) -> List[Dict[str, Any]]:
     """Per layer/tensor: grid, bits and what export did (BN folding, zero points, tables)."""
     return [dataclasses.asdict(e) for e in build_inference_model(model, int4_weights)[1]]
@@ -465,13 +527,28 @@ def to_tflite(model, path=None, int4_weights=False, int8_io=True) -> bytes:
         converter._experimental_low_bit_qat = True
     try:
         flatbuffer = converter.convert()
-    except Exception as err:  # the converter's own message, with the model it concerns
-        raise ExportError(f"TFLite conversion of {model.name!r} failed: {err}") from err
+    except Exception as err:  # the converter's own message, with the model and layer it concerns
+        layer = _layer_in_converter_message(str(err), export_model, model)
+        where = f" at layer {layer!r}" if layer else ""
+        raise ExportError(f"TFLite conversion of {model.name!r} failed{where}: {err}") from err
     check_integer_only(flatbuffer, model.name, allow_boundary=not int8_io)
     if path is not None:
         with open(path, "wb") as f:
             f.write(flatbuffer)
     return flatbuffer
+
+
+def _layer_in_converter_message(message, export_model, model):
+    """The user's name of the first layer the converter's ``loc("model/layer/op@...")`` names."""
+    import re
+    names = {layer.name for layer in export_model.layers}
+    for candidate in re.findall(r'"[^"/]+/([^"/@]+)/[^"@]*@', message):
+        if candidate in names:
+            try:
+                return costs.inner_layer(model.get_layer(candidate)).name
+            except ValueError:
+                return candidate
+    return None
 
 
 def op_names(flatbuffer):

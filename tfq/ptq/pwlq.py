@@ -261,7 +261,7 @@ def _calibrate(float_model, quantized, batches, plans):
     bounds = {s: (float(np.mean(lows[s])), float(np.mean(highs[s]))) for s in sources}
     for name, (source, quantizer, qvars) in held.items():
         scale, offset = activation_bounds_to_lsq(*bounds[source], quantizer)
-        qvars["scale"].assign(scale)
+        quantizer.assign_scale(qvars, scale)
         qvars["offset"].assign(offset)
         qvars["initialized"].assign(True)
     shift_means = {n: shift_sums[n] / shift_counts[n] for n in shift_names}

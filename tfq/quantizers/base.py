@@ -127,6 +127,26 @@ def variable_role(variable, roles=None):
     return next((role for role in sorted(roles, key=len, reverse=True) if short.endswith(f"_{role}")), None)
 
 
+def gather_first_batch(inputs, initialized):
+    """Under a multi-replica ``tf.distribute`` strategy (replica context): the global batch, i.e.
+    every replica's ``inputs`` concatenated along axis 0 in replica order, while ``initialized``
+    is False, and one example per replica once it is True; elsewhere ``inputs`` unchanged.
+
+    Data-dependent initialisation computes its statistics from this, so every replica assigns
+    the same values to its own copy of the quantizer variables (which keep Keras' default
+    aggregation NONE: an assignment in replica context updates the local copy only, without
+    the ``merge_call`` that ONLY_FIRST_REPLICA/MEAN would need and that ``tf.cond`` forbids),
+    and the values equal a single-device run's on the same global batch. The collective sits
+    outside any ``tf.cond``; after initialisation it exchanges one row per replica (not zero:
+    gathering empty tensors crashes MirroredStrategy on TF 2.21).
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return inputs
+    local = tf.cond(initialized, lambda: inputs[:1], lambda: tf.identity(inputs))
+    return context.all_gather(local, axis=0)
+
+
 class PositiveConstraint(keras.constraints.Constraint):
     """Keeps a scale strictly positive after each optimizer step."""
 
@@ -156,6 +176,7 @@ class TFQQuantizer(tfmot_quantizers.Quantizer, HasIntegerGrid):
     # --- tfmot interface -------------------------------------------------------------------
     def build(self, tensor_shape, name, layer):
         self._name = name
+        self._layer_name = getattr(layer, "layer", layer).name  # the wrapped layer, for error messages
         weights = self._build_variables(tensor_shape, name, layer)
         weights["initialized"] = layer.add_weight(
             f"{name}_initialized", shape=(), dtype=tf.bool, trainable=False,
@@ -196,13 +217,16 @@ class TFQQuantizer(tfmot_quantizers.Quantizer, HasIntegerGrid):
 
     def _maybe_initialize(self, inputs, weights):
         flag = weights["initialized"]
+        if self._init_only_when_training:
+            # activations differ per replica: initialise every replica from the global batch
+            inputs = gather_first_batch(tf.stop_gradient(inputs), flag)
 
         def do_init():
             values = self._initial_values(tf.stop_gradient(inputs), weights)
             assigns = [weights[k].assign(tf.cast(tf.reshape(v, weights[k].shape), weights[k].dtype))
                        for k, v in values.items()]
             with tf.control_dependencies(assigns):
-                return flag.assign(True).read_value()
+                return tf.identity(flag.assign(True))  # a tensor (a replica-local assign returns one)
 
         return tf.cond(flag, lambda: tf.identity(flag), do_init)
 
@@ -216,8 +240,9 @@ class TFQQuantizer(tfmot_quantizers.Quantizer, HasIntegerGrid):
     def _require_initialized(self, weights, what="quantizer"):
         if not self.is_initialized(weights):
             raise UncalibratedError(
-                f"{what} {getattr(self, '_name', '')!r} ({type(self).__name__}) has not seen any data: "
-                "train the model or run tfq.calibrate(model, data) before exporting")
+                f"{what} {getattr(self, '_name', '')!r} ({type(self).__name__}) of layer "
+                f"{getattr(self, '_layer_name', '?')!r} has not seen any data: train the model or run "
+                "tfq.calibrate(model, data) before exporting")
 
     def _resolve_axes(self, tensor_shape, name):
         """Fix ``self.per_axis`` against the tensor's rank; sets ``_rank`` and ``_param_shape``

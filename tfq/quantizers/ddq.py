@@ -239,7 +239,7 @@ class DDQQuantizer(base.TFQQuantizer):
             # the input grid (lsq-plus.txt config 4 at level_bits), and the max_bits LSQ+ quantizer
             # whose MSE-optimal range initialises it (so at init DDQ equals a max_bits LSQ+ grid)
             self._input_quantizer = lsq.LSQQuantizer(bits=level_bits, signed=False, learn_offset=True,
-                                                     init="lsq+")
+                                                     init="lsq+", scale_parameterization="linear")
             self._init_quantizer = lsq.LSQQuantizer(bits=max(max_bits, 2), signed=False, learn_offset=True,
                                                     init="lsq+")
 
@@ -333,7 +333,11 @@ class DDQQuantizer(base.TFQQuantizer):
         codes = self.effective_codes(weights)
         if self.is_weight:
             rows, back = self._to_rows(x)
-            out = codebook_quantize(rows, codes, self.weight_scale(weights), 0.0, self.grad_correction)
+            # eq. 9's weight term does not depend on the batch: under a tf.distribute strategy each
+            # replica adds its share, as the strategy sums the replicas' gradients
+            context = tf.distribute.get_replica_context()
+            share = 1.0 / (context.num_replicas_in_sync if context is not None else 1)
+            out = codebook_quantize(rows, codes, self.weight_scale(weights), 0.0, self.grad_correction * share)
             return back(out)
         x8 = self._input_quantizer._forward(x, training, weights)
         s, z = self.input_scale_and_zero(weights)

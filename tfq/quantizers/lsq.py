@@ -17,6 +17,16 @@ For exact integer export the offset is used as a whole number of steps: the forw
 straight-through estimator (``integer_offset=True``): ``z`` inside the code range keeps real 0 on
 the grid, as TFLite's int8 tensors require. Gradients of eq. 3-4 are evaluated at ``beta'`` and
 passed to ``beta`` unchanged.
+
+Scale parameterisation: ``scale_parameterization="log"`` (default) trains ``u = log(s) / k``
+(variable role ``log_scale``, ``k = scale_lr_multiplier``); ``"linear"`` trains ``s`` itself (role
+``scale``), as the paper does with SGD.
+The forward and ``dL/ds`` (eq. 3-4 times g) are the same in both; the log form only changes how an
+optimizer's step maps onto ``s``. Adam's step size does not depend on the gradient's size, so on a
+linear ``s`` it moves every scale by about the learning rate per step whatever its magnitude (and
+LSQ's g has no effect): a 1e-3 weight scale reaches the 1e-8 floor within a few steps of Adam(5e-4)
+(``benchmarks/adam_scale.py``). On ``u`` the same step is a relative change of ``s`` by about
+``k`` times the learning rate, never a collapse to 0.
 """
 from __future__ import annotations
 
@@ -30,6 +40,9 @@ from tfq.quantizers import base
 from tfq.quantizers.grid import UniformGrid
 
 INITS = ("lsq+", "lsq", "minmax")
+SCALE_PARAMETERIZATIONS = ("log", "linear")
+MIN_SCALE = 1e-8
+base.register_variable_roles("log_scale")
 ACTIVATION_CONFIGS = {  # Table 1: config -> (signed, learn_offset)
     1: (False, False),
     2: (True, False),
@@ -97,12 +110,24 @@ class LSQQuantizer(base.TFQQuantizer):
       integer_offset: snap beta to whole steps in the forward (straight-through).
       grad_scale: apply LSQ's gradient scale g.
       narrow_range: signed codes in [-(2^(b-1)-1), 2^(b-1)-1] (symmetric, as TFLite int8 weights).
+      scale_parameterization: "log" (train log(s)/k: optimizer steps are relative, safe under Adam)
+        or "linear" (train s, the paper's form for SGD). See the module docstring.
+      scale_lr_multiplier: k of the log form: under Adam each step changes s by about k times the
+        learning rate, relatively.
     """
 
     def __init__(self, bits=4, signed=False, learn_offset=False, per_axis=None, init="lsq+",
-                 is_weight=False, integer_offset=True, grad_scale=True, narrow_range=False):
+                 is_weight=False, integer_offset=True, grad_scale=True, narrow_range=False,
+                 scale_parameterization="log", scale_lr_multiplier=1.0):
         bits = base.check_bits(bits)
         base.check_choice(init, INITS, "init")
+        base.check_choice(scale_parameterization, SCALE_PARAMETERIZATIONS, "scale_parameterization")
+        if isinstance(scale_lr_multiplier, bool) or not isinstance(scale_lr_multiplier, (int, float)) \
+                or not scale_lr_multiplier > 0:
+            raise ValueError(f"scale_lr_multiplier must be a number > 0, got {scale_lr_multiplier!r}")
+        if scale_parameterization == "linear" and scale_lr_multiplier != 1.0:
+            raise ValueError("scale_lr_multiplier is for scale_parameterization='log' (with 'linear' the "
+                             f"optimizer's learning rate applies to s), got {scale_lr_multiplier!r}")
         if narrow_range and not signed:
             raise ValueError("narrow_range=True is for signed grids (it drops the code -2^(b-1))")
         if learn_offset and is_weight:
@@ -115,7 +140,9 @@ class LSQQuantizer(base.TFQQuantizer):
         super().__init__(bits=bits, signed=bool(signed), learn_offset=bool(learn_offset),
                          per_axis=list(axes) if axes is not None else None, init=init,
                          is_weight=bool(is_weight), integer_offset=bool(integer_offset),
-                         grad_scale=bool(grad_scale), narrow_range=bool(narrow_range))
+                         grad_scale=bool(grad_scale), narrow_range=bool(narrow_range),
+                         scale_parameterization=scale_parameterization,
+                         scale_lr_multiplier=float(scale_lr_multiplier))
         self.bits = bits
         self.signed = bool(signed)
         self.learn_offset = bool(learn_offset)
@@ -124,23 +151,53 @@ class LSQQuantizer(base.TFQQuantizer):
         self.is_weight = bool(is_weight)
         self.integer_offset = bool(integer_offset)
         self.use_grad_scale = bool(grad_scale)
+        self.log_scale = scale_parameterization == "log"
+        self.scale_role = "log_scale" if self.log_scale else "scale"
+        self.scale_lr_multiplier = float(scale_lr_multiplier)
         self.qmin, self.qmax = qrange(bits, signed, narrow_range)
         self._init_only_when_training = not self.is_weight
 
     # --- variables -------------------------------------------------------------------------
     def _build_variables(self, tensor_shape, name, layer):
         self._resolve_axes(tensor_shape, name)
-        weights = {
-            "scale": layer.add_weight(
-                f"{name}_scale", shape=self._param_shape, trainable=True,
-                initializer=keras.initializers.Constant(1.0),
-                constraint=base.PositiveConstraint(1e-8)),
-        }
+        if self.log_scale:
+            stored = layer.add_weight(f"{name}_log_scale", shape=self._param_shape, trainable=True,
+                                      initializer=keras.initializers.Constant(0.0))
+        else:
+            stored = layer.add_weight(f"{name}_scale", shape=self._param_shape, trainable=True,
+                                      initializer=keras.initializers.Constant(1.0),
+                                      constraint=base.PositiveConstraint(MIN_SCALE))
+        weights = {self.scale_role: stored}
         if self.learn_offset:
             weights["offset"] = layer.add_weight(
                 f"{name}_offset", shape=(), trainable=True,
                 initializer=keras.initializers.Constant(0.0))
         return weights
+
+    # --- the scale in either parameterisation ------------------------------------------------
+    def scale_tensor(self, weights):
+        """s as a float32 tensor (>= 1e-8), differentiable to the stored variable."""
+        stored = tf.convert_to_tensor(weights[self.scale_role], tf.float32)
+        if self.log_scale:
+            return tf.exp(tf.maximum(stored * self.scale_lr_multiplier, math.log(MIN_SCALE)))
+        return tf.maximum(stored, MIN_SCALE)
+
+    def scale_numpy(self, weights):
+        """s as a float64 NumPy array."""
+        stored = np.asarray(keras.backend.get_value(weights[self.scale_role]), np.float64)
+        if self.log_scale:
+            return np.exp(np.maximum(stored * self.scale_lr_multiplier, math.log(MIN_SCALE)))
+        return np.maximum(stored, MIN_SCALE)
+
+    def stored_scale(self, scale):
+        """The variable value that represents scale ``s`` (a tensor)."""
+        scale = tf.maximum(tf.cast(scale, tf.float32), MIN_SCALE)
+        return tf.math.log(scale) / self.scale_lr_multiplier if self.log_scale else scale
+
+    def assign_scale(self, weights, scale):
+        """Set s (NumPy or tensor) in the stored parameterisation."""
+        variable = weights[self.scale_role]
+        variable.assign(tf.reshape(self.stored_scale(scale), variable.shape))
 
     # --- forward ---------------------------------------------------------------------------
     def _broadcast(self, param, x):
@@ -175,7 +232,7 @@ class LSQQuantizer(base.TFQQuantizer):
 
     def _forward(self, inputs, training, weights):
         x = tf.convert_to_tensor(inputs)
-        s = tf.maximum(tf.convert_to_tensor(weights["scale"]), 1e-8)
+        s = self.scale_tensor(weights)
         beta = self.effective_offset(s, weights)  # activations: s is per tensor
         return lsq_fake_quant(x, self._broadcast(s, x), beta, self.qmin, self.qmax,
                               self.gradient_scale(x))
@@ -189,8 +246,11 @@ class LSQQuantizer(base.TFQQuantizer):
     def _initial_values(self, x, weights):
         x = tf.cast(x, tf.float32)
         if self.is_weight:
-            return {"scale": self._init_weight_scale(x)}
-        return self._init_activation(x)
+            values = {"scale": self._init_weight_scale(x)}
+        else:
+            values = self._init_activation(x)
+        values[self.scale_role] = self.stored_scale(values.pop("scale"))
+        return values
 
     def _init_weight_scale(self, w):
         axes = self._reduce_axes(w)
@@ -277,7 +337,7 @@ class LSQQuantizer(base.TFQQuantizer):
     # --- integer grid ----------------------------------------------------------------------
     def integer_grid(self, weights):
         self._require_initialized(weights)
-        scale = np.maximum(np.asarray(keras.backend.get_value(weights["scale"]), np.float64), 1e-8)
+        scale = self.scale_numpy(weights)
         if self.learn_offset:
             beta = float(keras.backend.get_value(weights["offset"]))
             z = (np.clip(np.round(-beta / scale), self.qmin, self.qmax) if self.integer_offset
@@ -294,7 +354,7 @@ class LSQQuantizer(base.TFQQuantizer):
 
     def scale_and_offset(self, weights):
         """(scale, effective offset) as NumPy values, for reports and TensorBoard."""
-        scale = np.asarray(keras.backend.get_value(weights["scale"]))
+        scale = self.scale_numpy(weights)
         if not self.learn_offset:
             return scale, 0.0
         beta = float(keras.backend.get_value(weights["offset"]))

@@ -205,7 +205,8 @@ class N2UQActivationQuantizer(base.TFQQuantizer):
         self.param_lr_scale = float(param_lr_scale)
         self.num_segments = 2 ** bits - 1
         self.interval = _interval(bits)
-        self._input = lsq.activation_quantizer(INPUT_BITS, config=4, init=input_init)
+        self._input = lsq.activation_quantizer(INPUT_BITS, config=4, init=input_init,
+                                                  scale_parameterization="linear")
         # init="data": the MSE-optimal b-bit LSQ+ quantizer (config 4) the quantizer starts as
         self._range = lsq.activation_quantizer(bits, config=4, init="lsq+")
 
