@@ -35,11 +35,12 @@ data:
 
 demo: install
 	$(VENV)/bin/tfq train --dataset=fashion_mnist --model=mobile_swish --method=lsq+ \
-	  --weight_bits=4 --activation_bits=4 --float_epochs=3 --epochs=2 --run_dir=$(RUN_DIR) \
-	  --cache_dir=runs/cache
+	  --weight_bits=4 --activation_bits=4 --narrow_range_weights --float_epochs=3 --epochs=2 \
+	  --run_dir=$(RUN_DIR) --cache_dir=runs/cache
 	$(VENV)/bin/tfq export $(RUN_DIR) --format=tflite --int4_weights --integer_limit=1000
 	$(VENV)/bin/tfq bench $(RUN_DIR)/model_fp32.tflite $(RUN_DIR)/model_int8.tflite \
 	  $(RUN_DIR)/model_int4w.tflite --target=host --threads=1 --runs=30
+	$(VENV)/bin/tfq report $(RUN_DIR)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

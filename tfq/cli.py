@@ -25,6 +25,8 @@ flags.DEFINE_string("method", "lsq+", "quantization method (see tfq.schemes.meth
 flags.DEFINE_integer("weight_bits", 4, "weight bit-width (2..8)")
 flags.DEFINE_integer("activation_bits", 4, "activation bit-width (2..8)")
 flags.DEFINE_integer("activation_config", None, "LSQ+ Table 1 configuration 1..4 (lsq+ only)")
+flags.DEFINE_bool("narrow_range_weights", False, "lsq/lsq+: symmetric weight codes at every bit-width "
+                  "(keeps BatchNorm-folded 4-bit layers INT4 in export --int4_weights)")
 flags.DEFINE_string("init", None, "lsq+, lsq or minmax (LSQ methods)")
 flags.DEFINE_integer("first_last_bits", 8, "bits of the first and last layers")
 flags.DEFINE_integer("float_epochs", 3, "epochs of float training (skipped when cached)")
@@ -73,6 +75,8 @@ def _train(args):
         options["activation_config"] = FLAGS.activation_config
     if FLAGS.init is not None:
         options["init"] = FLAGS.init
+    if FLAGS.narrow_range_weights:
+        options["narrow_range_weights"] = True
     if FLAGS.callback_options:
         try:
             options["callback_options"] = json.loads(FLAGS.callback_options)
