@@ -14,7 +14,6 @@ import argparse
 import os
 import sys
 
-import numpy as np
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 from benchmarks.common import write

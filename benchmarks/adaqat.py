@@ -18,9 +18,7 @@ mobile_swish starts at chance (measured: 0.10 vs 0.88 test accuracy at W8/A8 bef
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import time
 

@@ -12,18 +12,15 @@ per-layer bits and epoch times; plots the per-layer bits of the mixed variants (
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
-import tf_keras as keras
 
 from benchmarks.common import describe_error, median_epoch, save_figure, save_row, write
 
 from tfq import costs, train
-from tfq import data as tfq_data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(HERE, ".cache")

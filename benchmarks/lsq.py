@@ -10,12 +10,10 @@ test accuracy and the median epoch seconds over epochs 2..E relative to the floa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
-import tf_keras as keras
 
 from benchmarks.common import describe_error, finetune_and_evaluate, save_row
 from tfq import train

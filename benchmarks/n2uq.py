@@ -13,7 +13,6 @@ epoch measured in the same process, and N2UQ's learned thresholds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
