@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
-from benchmarks.common import write
+from benchmarks.common import new_results, write
 from benchmarks.lsq import CACHE, RESULTS
 from tfq import costs, data, train
 
@@ -49,10 +48,8 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(RESULTS, "adam_scale.json"))
     args = parser.parse_args(argv)
     net, _ = train.float_model("fashion_mnist", "small_cnn", 3, cache_dir=CACHE, verbose=0)
-    results = {"benchmark": "adam_scale",
-               "command": "python -m benchmarks.adam_scale " + " ".join(argv or sys.argv[1:]),
-               "machine": train.machine_info(), "steps": -(-args.limit // 128),
-               "float_accuracy": train.evaluate(net, "fashion_mnist"), "variants": []}
+    results = new_results("adam_scale", args, argv, steps=-(-args.limit // 128),
+                          float_accuracy=train.evaluate(net, "fashion_mnist"))
     for parameterization in ("linear", "log"):
         row = run(net, parameterization, args.limit)
         results["variants"].append(row)

@@ -24,7 +24,7 @@ import time
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 
-from benchmarks.common import describe_error, median_epoch, save_figure, save_row, write
+from benchmarks.common import describe_error, median_epoch, new_results, save_figure, save_row, write
 from tfq import costs, train
 from tfq import data as tfq_data
 from tfq import models as tfq_models
@@ -148,8 +148,7 @@ def main(argv=None):
         if scenario not in SCENARIOS:
             raise SystemExit(f"--scenarios must be a subset of {SCENARIOS}, got {scenario!r}")
 
-    results = {"benchmark": "adaqat", "command": "python -m benchmarks.adaqat " + " ".join(argv or sys.argv[1:]),
-               "protocol": vars(args), "machine": train.machine_info(), "variants": []}
+    results = new_results("adaqat", args, argv)
     for model_name in _csv(args.models, str):
         for scenario in _csv(args.scenarios, str):
             float_epoch = None

@@ -3,7 +3,22 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import traceback
+
+
+def command_line(name, argv=None):
+    """The command that reproduces a run of ``benchmarks.<name>`` (``argv``: its arguments, default
+    the process's own)."""
+    return f"python -m benchmarks.{name} " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
+def new_results(name, args, argv=None, **extra):
+    """The JSON every benchmark writes: its name, command, protocol (``vars(args)``), the machine,
+    ``extra`` fields, and the ``variants`` rows ``save_row`` appends."""
+    from tfq import train
+    return {"benchmark": name, "command": command_line(name, argv), "protocol": vars(args),
+            "machine": train.machine_info(), **extra, "variants": []}
 
 
 def describe_error(err):

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 
-from benchmarks.common import describe_error, median_epoch, save_figure, save_row, write
+from benchmarks.common import describe_error, median_epoch, new_results, save_figure, save_row, write
 
 from tfq import costs, train
 
@@ -97,8 +96,7 @@ def main(argv=None):
     for mode in ("fixed", "mixed"):
         variants += [("ddq", mode, 0.0), ("ddq", mode, args.grad_correction)]
 
-    results = {"benchmark": "ddq", "command": "python -m benchmarks.ddq " + " ".join(argv or sys.argv[1:]),
-               "protocol": vars(args), "machine": train.machine_info(), "variants": []}
+    results = new_results("ddq", args, argv)
     float_epoch = None
     for method, mode, correction in variants:
         net, _ = train.float_model("fashion_mnist", args.model, args.float_epochs, seed=args.seed,

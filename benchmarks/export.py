@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import traceback
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 import tensorflow as tf
 
+from benchmarks.common import new_results
 from benchmarks.lsq import CACHE, RESULTS, tfmot_variant
 from tfq import data, train
 from tfq.export import runs, tflite, verify
@@ -52,8 +52,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(RESULTS, "export.json"))
     args = parser.parse_args(argv)
     x_test, y_test = data.load_numpy("fashion_mnist", "test")
-    results = {"benchmark": "export", "command": "python -m benchmarks.export " + " ".join(argv or sys.argv[1:]),
-               "protocol": vars(args), "machine": train.machine_info(), "variants": []}
+    results = new_results("export", args, argv)
     work = os.path.join(CACHE, "export")
     os.makedirs(work, exist_ok=True)
     for model_name in args.models.split(","):

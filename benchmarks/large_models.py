@@ -31,6 +31,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks.common import command_line
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 METHODS = ("lsq+", "n2uq", "ddq", "adaqat", "pwlq")
@@ -217,7 +219,7 @@ def main(argv=None):
     from benchmarks.common import save_row, write
     from tfq import train
     results = {"benchmark": "large_models",
-               "command": "python -m benchmarks.large_models " + " ".join(sys.argv[1:] if argv is None else argv),
+               "command": command_line("large_models", argv),
                "protocol": {**{k: v for k, v in vars(args).items() if k not in ("child", "append")},
                             "input_shape": list(INPUT_SHAPE), "classes": CLASSES, "weights": None,
                             "memory": "VmHWM of a fresh process per (model, method), reset before each step"},

@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import sys
 import time
 import traceback
 
@@ -36,6 +35,7 @@ import numpy as np
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 import tensorflow as tf
 
+from benchmarks.common import command_line
 from tfq import models, train
 from tfq.export import bench
 
@@ -242,7 +242,7 @@ def main(argv=None):
     os.makedirs(CACHE, exist_ok=True)
     start = time.perf_counter()
     results = {"benchmark": "latency",
-               "command": "python -m benchmarks.latency " + " ".join(sys.argv[1:] if argv is None else argv),
+               "command": command_line("latency", argv),
                "protocol": {k: v for k, v in vars(args).items() if k != "out"},
                "machine": dict(train.machine_info(), load_average_1min_at_start=os.getloadavg()[0],
                                device=bench.host_device()["description"]),

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 
-from benchmarks.common import describe_error, finetune_and_evaluate, save_row
+from benchmarks.common import describe_error, finetune_and_evaluate, new_results, save_row
 from tfq import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -69,8 +68,7 @@ def main(argv=None):
     if "tfmot" in methods:
         variants.append(("tfmot-8bit", 8, None))
 
-    results = {"benchmark": "lsq", "command": "python -m benchmarks.lsq " + " ".join(argv or sys.argv[1:]),
-               "protocol": vars(args), "machine": train.machine_info(), "variants": []}
+    results = new_results("lsq", args, argv)
     float_epoch = None
     for method, bits, options in variants:
         net, ckpt = train.float_model("fashion_mnist", args.model, args.float_epochs, seed=args.seed,

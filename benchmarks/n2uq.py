@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 import numpy as np
 
-from benchmarks.common import describe_error, finetune_and_evaluate, save_row
+from benchmarks.common import describe_error, finetune_and_evaluate, new_results, save_row
 from tfq import costs, train
 from tfq.quantizers import n2uq
 
@@ -61,9 +60,7 @@ def main(argv=None):
         variants.append(("n2uq", bits, {"param_lr_scale": args.param_lr_scale, "init": "data"}))
         variants.append(("lsq+", bits, {"activation_config": 4}))
 
-    results = {"benchmark": "n2uq", "command": "python -m benchmarks.n2uq " + " ".join(argv or sys.argv[1:]),
-               "protocol": vars(args), "quick_run": args.limit is not None,
-               "machine": train.machine_info(), "variants": []}
+    results = new_results("n2uq", args, argv, quick_run=args.limit is not None)
     float_epoch = None
     for method, bits, options in variants:
         net, _ = train.float_model("fashion_mnist", args.model, args.float_epochs, seed=args.seed,

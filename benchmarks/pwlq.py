@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 import numpy as np
 import tf_keras as keras
 
-from benchmarks.common import describe_error, save_row
+from benchmarks.common import describe_error, new_results, save_row
 from tfq import costs, data, models, train
 from tfq.ptq.pwlq import pwlq
 
@@ -110,8 +109,7 @@ def main(argv=None):
     if unknown:
         parser.error(f"--variants: unknown {unknown}; allowed: {list(VARIANTS)}")
 
-    results = {"benchmark": "pwlq", "command": "python -m benchmarks.pwlq " + " ".join(argv or sys.argv[1:]),
-               "protocol": vars(args), "machine": train.machine_info(), "variants": []}
+    results = new_results("pwlq", args, argv)
 
     def float_net(model_name):
         if model_name == "mobilenet_v2":
