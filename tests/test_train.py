@@ -60,4 +60,6 @@ def test_run_attaches_the_method_callback(tmp_path, method, callback):
 
 def test_run_rejects_callback_options_for_a_method_without_callback(tmp_path):
     with pytest.raises(ValueError, match="callback_options=.*'lsq\\+' trains without a callback"):
-        tfq.train.method_callbacks("lsq+", 4, callback_options={"lambda_": 0.1})
+        tfq.schemes.training_callbacks("lsq+", 4, callback_options={"lambda_": 0.1})
+    with pytest.raises(ValueError, match="callback_options=.*'ddq' trains without a callback"):
+        tfq.schemes.training_callbacks("ddq", 4, {"mode": "fixed"}, callback_options={"alpha": -0.01})

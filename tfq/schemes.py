@@ -110,14 +110,9 @@ class LSQQuantizers(MethodQuantizers):
             raise ValueError(f"activation_config must be one of {sorted(lsq.ACTIVATION_CONFIGS)} "
                              f"(lsq-plus.txt Table 1), got {activation_config!r}")
         qbase.check_choice(init, lsq.INITS, "init")
-        qbase.check_choice(scale_parameterization, lsq.SCALE_PARAMETERIZATIONS, "scale_parameterization")
-        self.scale_parameterization = scale_parameterization
-        self.scale_options = {"scale_parameterization": scale_parameterization}
-        if scale_parameterization == "log":
-            self.scale_options["scale_lr_multiplier"] = scale_lr_multiplier
-        elif scale_lr_multiplier != 1.0:
-            raise ValueError("scale_lr_multiplier is for scale_parameterization='log' (with 'linear' the "
-                             f"optimizer's learning rate applies to s), got {scale_lr_multiplier!r}")
+        self.scale_options = {"scale_parameterization": scale_parameterization,
+                              "scale_lr_multiplier": scale_lr_multiplier}
+        lsq.LSQQuantizer(**self.scale_options)  # the quantizer's own checks, before any layer is built
         self.activation_config = activation_config
         self.init = init
         self.weight_init = weight_init or init
@@ -302,11 +297,30 @@ class _Registry(quantize_registry.QuantizeRegistry):
 
 # --- method registry -----------------------------------------------------------------------
 _METHODS = {}
+_TRAINING_CALLBACKS = {}
 
 
-def register_method(name, builder):
-    """``builder(**options) -> TFQScheme``; used by ``tfq.quantize_model(method=name)``."""
+def register_method(name, builder, training_callbacks=None):
+    """``builder(**options) -> TFQScheme``; used by ``tfq.quantize_model(method=name)``.
+    ``training_callbacks(weight_bits, method_options, log_dir, **callback_options) -> [Callback]``:
+    the Keras callbacks the method trains with (``tfq.train`` attaches them); an empty list when the
+    method's options need none."""
     _METHODS[name] = builder
+    if training_callbacks is not None:
+        _TRAINING_CALLBACKS[name] = training_callbacks
+
+
+def training_callbacks(method, weight_bits, method_options=None, log_dir=None, callback_options=None):
+    """The callbacks ``method`` (quantized with ``method_options``) trains with; ``callback_options``
+    go to them and are an error for a method that trains without a callback."""
+    factory = _TRAINING_CALLBACKS.get(method)
+    options = dict(callback_options or {})
+    callbacks = factory(weight_bits, dict(method_options or {}), log_dir, **options) if factory else []
+    if options and not callbacks:
+        with_callback = ", ".join(f"{name!r}" for name in sorted(_TRAINING_CALLBACKS))
+        raise ValueError(f"callback_options={options!r} given, but method={method!r} trains without a "
+                         f"callback (methods with one: {with_callback}; 'ddq' in mixed mode only)")
+    return callbacks
 
 
 def get(method, **options):
@@ -500,7 +514,15 @@ def DDQScheme(target_bits=None, activation_bits=8, mode="mixed", max_bits=8, min
     return TFQScheme(quantizers, target, activation_bits, first_last_bits, intermediate_bits, quantize_inputs)
 
 
-register_method("ddq", DDQScheme)
+def _ddq_callbacks(weight_bits, method_options, log_dir, **options):
+    """Mixed mode trains with the gate schedule toward ``target_bits`` (default ``weight_bits``)."""
+    if method_options.get("mode", "mixed") != "mixed":
+        return []
+    from tfq.callbacks import DDQGateSchedule
+    return [DDQGateSchedule(method_options.get("target_bits", weight_bits), log_dir=log_dir, **options)]
+
+
+register_method("ddq", DDQScheme, training_callbacks=_ddq_callbacks)
 
 # --- AdaQAT (adaqat.txt) -------------------------------------------------------------------
 # (AdaQAT section)
@@ -601,4 +623,10 @@ def _adaqat_method(weight_bits=None, activation_bits=None, **options):
     return AdaQATScheme(**options)
 
 
-register_method("adaqat", _adaqat_method)
+def _adaqat_callbacks(weight_bits, method_options, log_dir, **options):
+    """The bit-width updates (``tfq.callbacks.AdaQAT``)."""
+    from tfq.callbacks import AdaQAT
+    return [AdaQAT(log_dir=log_dir, **options)]
+
+
+register_method("adaqat", _adaqat_method, training_callbacks=_adaqat_callbacks)

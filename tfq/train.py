@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from tfq import costs
+from tfq import costs, schemes
 from tfq import data as tfq_data
 from tfq import models as tfq_models
 from tfq.api import quantize_model, quantize_scope
@@ -32,13 +32,17 @@ def learned_roles():
     return [role for role in qbase.VARIABLE_ROLES if role != "initialized"]
 
 
-def compile_model(model, learning_rate, steps=None):
+def compile_model(model, learning_rate, steps=None, callbacks=()):
+    """Adam (cosine decay over ``steps``), cross-entropy on logits, accuracy. A callback with a
+    ``constrained_loss(model, loss)`` (DDQ's memory-constrained loss, ddq.txt sec. 3.1) wraps the loss."""
     lr = learning_rate
     if steps:
         lr = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps)
-    model.compile(optimizer=keras.optimizers.Adam(lr),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    for callback in callbacks:
+        if hasattr(callback, "constrained_loss"):
+            loss = callback.constrained_loss(model, loss)
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=["accuracy"])
     return model
 
 
@@ -122,11 +126,7 @@ def finetune(model, dataset, epochs, batch_size=128, learning_rate=5e-4, seed=0,
     """Fine-tune ``model`` (float or quantized) with the shared budget; returns epoch seconds."""
     keras.utils.set_random_seed(seed)
     train = _dataset(dataset, "train", batch_size, limit, seed)
-    compile_model(model, learning_rate, steps=max(1, epochs * int(train.cardinality())))
-    for callback in callbacks:
-        if hasattr(callback, "constrained_loss"):  # DDQ's memory-constrained loss (ddq.txt sec. 3.1)
-            model.compile(optimizer=model.optimizer, loss=callback.constrained_loss(model, model.loss),
-                          metrics=["accuracy"])
+    compile_model(model, learning_rate, steps=max(1, epochs * int(train.cardinality())), callbacks=callbacks)
     timer = EpochTimer()
     cbs = [timer, *callbacks]
     if log_dir:
@@ -150,24 +150,6 @@ def machine_info():
             "date": time.strftime("%Y-%m-%d")}
 
 
-def method_callbacks(method, weight_bits, log_dir=None, method_options=None, callback_options=None):
-    """The callbacks a method trains with: AdaQAT's bit-width updates (``tfq.callbacks.AdaQAT``),
-    DDQ's gate schedule toward ``weight_bits`` bits per weight in mixed mode
-    (``tfq.callbacks.DDQGateSchedule``); none for the other methods."""
-    options = dict(callback_options or {})
-    if method == "adaqat":
-        from tfq.callbacks import AdaQAT
-        return [AdaQAT(log_dir=log_dir, **options)]
-    if method == "ddq" and (method_options or {}).get("mode", "mixed") == "mixed":
-        from tfq.callbacks import DDQGateSchedule
-        target = (method_options or {}).get("target_bits", weight_bits)
-        return [DDQGateSchedule(target, log_dir=log_dir, **options)]
-    if options:
-        raise ValueError(f"callback_options={options!r} given, but method={method!r} trains without a "
-                         "callback (only 'adaqat' and mixed-mode 'ddq' have one)")
-    return []
-
-
 def snap_biases_for_export(model):
     """``tfq.export.snap_biases`` (biases onto the integer model's int32 grid, so the saved Keras
     model computes what its export computes); a model that cannot be exported keeps its biases and
@@ -186,7 +168,7 @@ def run(run_dir, dataset="fashion_mnist", model="mobile_swish", method="lsq+", w
         activation_bits=4, float_epochs=3, epochs=2, batch_size=128, learning_rate=5e-4, seed=0,
         limit=None, cache_dir=None, verbose=1, callback_options=None, **method_options):
     """The main job (see module docstring). Returns the metrics dict. ``callback_options`` go to
-    the method's training callback (``method_callbacks``)."""
+    the method's training callbacks (``tfq.schemes.training_callbacks``)."""
     os.makedirs(run_dir, exist_ok=True)
     start = time.perf_counter()
     net, cache_path = float_model(dataset, model, float_epochs, batch_size, seed=seed, limit=limit,
@@ -195,7 +177,7 @@ def run(run_dir, dataset="fashion_mnist", model="mobile_swish", method="lsq+", w
     net.save(os.path.join(run_dir, "float.h5"))
     q = quantize_model(net, method, weight_bits=weight_bits, activation_bits=activation_bits, **method_options)
     log_dir = os.path.join(run_dir, "logs")
-    callbacks = method_callbacks(method, weight_bits, log_dir, method_options, callback_options)
+    callbacks = schemes.training_callbacks(method, weight_bits, method_options, log_dir, callback_options)
     seconds = finetune(q, dataset, epochs, batch_size, learning_rate, seed, limit,
                        log_dir=log_dir, verbose=verbose, callbacks=callbacks)
     unsnapped_acc = evaluate(q, dataset)

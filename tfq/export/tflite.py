@@ -25,6 +25,7 @@ lists, per tensor, the grid and how its offset was made integral.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -157,10 +158,10 @@ def input_step(view, name):
 INT32_BIAS_LIMIT = 2 ** 30  # TFLite stores round(bias / (s_in * s_w)) in int32; keep a 2x margin
 
 
-def _keep_bias_in_int32(folded, view, name):
+def _keep_bias_in_int32(folded, s_in):
     """Raise the weight step of channels whose int32 bias would overflow (a learned scale that
-    collapsed to ~0: the channel's kernel is ~0 and its output is its bias). Returns a report note."""
-    s_in = input_step(view, name)
+    collapsed to ~0: the channel's kernel is ~0 and its output is its bias); ``s_in``: the input's
+    step (None for a float input). Returns a report note."""
     if s_in is None:
         return ""
     needed = np.abs(folded.bias) / (s_in * INT32_BIAS_LIMIT)
@@ -386,7 +387,7 @@ def build_inference_model(model, int4_weights=False):
                 folded_bn[bn.name] = name
             folded = fold_weights(layer, bn)
             note = "BatchNorm " + bn.name + " folded" if bn is not None else "no BatchNorm"
-            note += _keep_bias_in_int32(folded, view, name)
+            note += _keep_bias_in_int32(folded, input_step(view, name))
             int4 = int4_weights and folded.bits <= 4
             if int4 and np.max(np.abs(folded.codes)) > 7:
                 # code -8 negated by a negative BatchNorm gamma: INT4 storage is symmetric [-7, 7]
@@ -478,8 +479,8 @@ def snap_biases(model):
             continue
         bn = _foldable_bn(view, name)
         folded = fold_weights(layer, bn)
-        _keep_bias_in_int32(folded, view, name)
         s_in = input_step(view, name)
+        _keep_bias_in_int32(folded, s_in)
         if s_in is None:
             rows.append({"layer": name, "changed": False, "note": "float input: no integer bias"})
             continue
@@ -540,7 +541,6 @@ def to_tflite(model, path=None, int4_weights=False, int8_io=True) -> bytes:
 
 def _layer_in_converter_message(message, export_model, model):
     """The user's name of the first layer the converter's ``loc("model/layer/op@...")`` names."""
-    import re
     names = {layer.name for layer in export_model.layers}
     for candidate in re.findall(r'"[^"/]+/([^"/@]+)/[^"@]*@', message):
         if candidate in names:
