@@ -6,6 +6,11 @@ accuracy on the full Fashion-MNIST test set, parity in output steps, file sizes 
 int4-weights, and whether tfmot's own n-bit scheme exports the same bit-width.
 
     python -m benchmarks.export --models=small_cnn,mobile_swish --bits=8,4,2    # or make bench ONLY=export
+
+``--bias_grid_steps=N`` adds ``tfq.train.finetune_on_bias_grid`` (N steps, BatchNorm frozen, biases
+kept on the int32 grid) between the snap and the export, recording the snapped accuracy without and
+with it; ``--bias_grid_control=1`` also records N steps of ordinary fine-tuning from the same weights
+followed by the snap (the same extra training without the grid).
 """
 from __future__ import annotations
 
@@ -39,6 +44,25 @@ def tfmot_exports(net, bits):
         return f"no: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
 
 
+def bias_grid_phase(q, args, row):
+    """``finetune_on_bias_grid`` on ``q`` (snapped), recording accuracies; with
+    ``--bias_grid_control`` first the same number of ordinary steps from the same weights."""
+    row["keras_accuracy_snap_without_bias_grid"] = row["keras_accuracy"]
+    if args.bias_grid_control:
+        start = q.get_weights()
+        train.compile_model(q, args.bias_grid_lr, steps=args.bias_grid_steps)
+        q.fit(data.load("fashion_mnist", limit=args.limit).repeat(), epochs=1, steps_per_epoch=args.bias_grid_steps,
+              verbose=0)
+        row["control_accuracy_before_snap"] = train.evaluate(q, "fashion_mnist")
+        row["control_bias_snap"] = train.snap_biases_for_export(q)
+        row["control_accuracy_after_snap"] = train.evaluate(q, "fashion_mnist")
+        q.set_weights(start)
+    row["bias_grid"] = train.finetune_on_bias_grid(q, "fashion_mnist", args.bias_grid_steps,
+                                                   learning_rate=args.bias_grid_lr, limit=args.limit,
+                                                   bias_update=args.bias_grid_update)
+    row["keras_accuracy"] = row["keras_accuracy_with_bias_grid"] = train.evaluate(q, "fashion_mnist")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="small_cnn,mobile_swish")
@@ -49,6 +73,12 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=None, help="fine-tuning examples (protocol: all)")
     parser.add_argument("--narrow_range_weights", type=int, default=1,
                         help="1: symmetric weight codes at every bit-width (keeps folded layers INT4)")
+    parser.add_argument("--bias_grid_steps", type=int, default=0, help="steps of finetune_on_bias_grid (0: none)")
+    parser.add_argument("--bias_grid_lr", type=float, default=1e-4, help="its learning rate (cosine decay)")
+    parser.add_argument("--bias_grid_update", default="straight_through",
+                        help="straight_through, projected or frozen (tfq.callbacks.bias_grid)")
+    parser.add_argument("--bias_grid_control", type=int, default=0,
+                        help="1: also N steps of ordinary fine-tuning then the snap, from the same weights")
     parser.add_argument("--out", default=os.path.join(RESULTS, "export.json"))
     args = parser.parse_args(argv)
     x_test, y_test = data.load_numpy("fashion_mnist", "test")
@@ -70,6 +100,8 @@ def main(argv=None):
                 row["keras_accuracy_before_bias_snap"] = train.evaluate(q, "fashion_mnist")
                 row["bias_snap"] = train.snap_biases_for_export(q)
                 row["keras_accuracy"] = train.evaluate(q, "fashion_mnist")
+                if args.bias_grid_steps:
+                    bias_grid_phase(q, args, row)
                 start = time.perf_counter()
                 int8 = tflite.to_tflite(q)
                 row["export_seconds"] = time.perf_counter() - start

@@ -8,7 +8,15 @@ TFLite tensor name with the same shape (activations, sigmoid gates, adds, ...). 
 values more than one step apart, in graph order. A MUL or ADD tensor followed by MINIMUM/MAXIMUM is
 compared before those clamps, so only the clamped tensors' rows are like for like there.
 
-    python -m benchmarks.parity_layers runs/demo --examples=50
+    python -m benchmarks.parity_layers runs/demo --examples=50 [--exact_hard_swish]
+
+Read with care: the builtin (and reference) CONV_2D/DEPTHWISE_CONV_2D kernels requantize with a
+fixed-point multiplier and double rounding, which at W4A4 (multipliers ~0.3, accumulators of a few
+dozen) moves ~10-25% of convolution outputs by one step against ``round(acc * M)``; XNNPACK (the
+default runtime, what ``tfq.export.verify`` accepts on) rounds once and equals Keras there. So rows
+here grow along the network even where XNNPACK is exact; LOGISTIC and MUL match Keras on the
+tensors they are given (tests/test_parity_ops.py). Under XNNPACK the only op that differs from
+Keras is HARD_SWISH (1-2 of 256 input codes), which ``--exact_hard_swish`` replaces by a table.
 """
 from __future__ import annotations
 
@@ -55,10 +63,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
     parser.add_argument("--examples", type=int, default=50)
+    parser.add_argument("--exact_hard_swish", action="store_true",
+                        help="export hard-swish layers as exact int8 tables (to_tflite(exact_hard_swish=True))")
     args = parser.parse_args(argv)
     model = runs.load_run_model(args.run_dir)
     x, _ = data.load_numpy("fashion_mnist", "test", limit=args.examples)
-    details, tensors = _tflite_tensors(tflite.to_tflite(model), x)
+    details, tensors = _tflite_tensors(tflite.to_tflite(model, exact_hard_swish=args.exact_hard_swish), x)
     layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
     outputs = keras.Model(model.inputs, [l.output for l in layers]).predict(x, verbose=0)
     names = {l.name for l in layers}

@@ -2,7 +2,7 @@
 import argparse
 import importlib
 
-BENCHMARKS = ("lsq", "export", "latency", "pwlq", "n2uq", "ddq", "adaqat", "large_models")
+BENCHMARKS = ("lsq", "step_time", "export", "latency", "pwlq", "n2uq", "ddq", "adaqat", "large_models")
 
 
 def main():

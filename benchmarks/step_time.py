@@ -1,10 +1,17 @@
-"""Training-step time of a quantized model relative to its float model (same process).
+"""Training-step time of quantized models relative to their float model, with tfmot as the peer.
 
-    python -m benchmarks.step_time [--model=mobile_swish] [--method=lsq+] [--steps=40] [--jit]
+    python -m benchmarks.step_time [--models=small_cnn,mobile_swish] [--methods=lsq+] [--bits=4,8]
+                                   [--rounds=8] [--steps=10] [--jit]
 
-Times ``steps`` fit steps at batch 128 on a fixed random batch after 5 warm-up steps.
+For each model: the float model, every tfq method at every bit-width (W=A) and tfmot's default 8-bit
+QAT scheme (``tfmot.quantization.keras.quantize_model``; a model it cannot quantize is recorded with
+its error) are compiled once and warmed up, then timed in interleaved rounds (A B C A B C ...), each
+round ``steps`` fit steps at batch 128 on a fixed random batch, so load from other processes hits
+every variant alike (BENCHMARKS.md). Reports per variant the min and median ms/step over rounds and
+both ratios to the float model. Writes ``benchmarks/results/step_time.json``.
 """
 import argparse
+import os
 import time
 
 import numpy as np
@@ -13,36 +20,87 @@ import tfq
 import tensorflow as tf
 import tf_keras as keras
 
+from benchmarks.common import describe_error, new_results, write
 from tfq import models
 
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
-def ms_per_step(model, dataset, steps, jit):
+
+def step_timer(model, dataset, jit):
+    """Compile ``model``, run 5 warm-up steps, return ``time(steps) -> ms per step``."""
     model.compile(keras.optimizers.Adam(1e-4), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile=jit)
     model.fit(dataset.take(5), verbose=0)
-    start = time.perf_counter()
-    model.fit(dataset.take(steps), verbose=0)
-    return 1000 * (time.perf_counter() - start) / steps
+
+    def time_steps(steps):
+        start = time.perf_counter()
+        model.fit(dataset.take(steps), verbose=0)
+        return 1000 * (time.perf_counter() - start) / steps
+
+    return time_steps
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mobile_swish")
-    parser.add_argument("--method", default="lsq+")
-    parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--jit", action="store_true", help="compile with XLA (jit_compile=True)")
-    args = parser.parse_args(argv)
+def variants(model_name, methods, bits):
+    """(name, builder) pairs: float, tfq method x bits, tfmot's default 8-bit QAT."""
+    import tensorflow_model_optimization as tfmot
+    out = [("float", lambda: models.get(model_name, seed=0))]
+    for method in methods:
+        for b in bits:
+            out.append((f"tfq {method} W{b}A{b}", lambda m=method, b=b: tfq.quantize_model(
+                models.get(model_name, seed=0), m, weight_bits=b, activation_bits=b)))
+    out.append(("tfmot default 8-bit", lambda: tfmot.quantization.keras.quantize_model(
+        models.get(model_name, seed=0))))
+    return out
+
+
+def measure(model_name, args):
     rng = np.random.default_rng(0)
     x = rng.random((128, 28, 28, 1), np.float32)
     y = rng.integers(0, 10, 128)
     dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
-    float_ms = ms_per_step(models.get(args.model, seed=0), dataset, args.steps, args.jit)
-    quant = tfq.quantize_model(models.get(args.model, seed=0), args.method, weight_bits=args.bits,
-                               activation_bits=args.bits)
-    quant_ms = ms_per_step(quant, dataset, args.steps, args.jit)
-    print(f"{args.model} jit={args.jit}: float {float_ms:.0f} ms/step, {args.method} W{args.bits}A{args.bits} "
-          f"{quant_ms:.0f} ms/step, ratio {quant_ms / float_ms:.2f}")
+    timers, errors = {}, {}
+    for name, build in variants(model_name, args.methods, args.bits):
+        try:
+            timers[name] = step_timer(build(), dataset, args.jit)
+        except Exception as err:  # a peer that cannot take the model is a result
+            errors[name] = describe_error(err)
+    times = {name: [] for name in timers}
+    for _ in range(args.rounds):
+        for name, time_steps in timers.items():
+            times[name].append(time_steps(args.steps))
+    rows = {}
+    for name, values in times.items():
+        rows[name] = {"min_ms": min(values), "median_ms": float(np.median(values)),
+                      "ratio_min": min(values) / min(times["float"]),
+                      "ratio_median": float(np.median(values) / np.median(times["float"])),
+                      "ms_per_round": values}
+        print(f"{model_name:13s} {name:22s} min {rows[name]['min_ms']:6.0f} ms  median "
+              f"{rows[name]['median_ms']:6.0f} ms  ratio to float {rows[name]['ratio_min']:.2f} (min) "
+              f"{rows[name]['ratio_median']:.2f} (median)", flush=True)
+    return {"model": model_name, "variants": rows, "errors": errors}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="small_cnn,mobile_swish")
+    parser.add_argument("--methods", default="lsq+")
+    parser.add_argument("--bits", default="4,8")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10, help="fit steps per timed round")
+    parser.add_argument("--jit", action="store_true", help="compile with XLA (jit_compile=True)")
+    parser.add_argument("--out", default=os.path.join(RESULTS, "step_time.json"))
+    args = parser.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.methods = [m for m in args.methods.split(",") if m]
+    args.bits = [int(b) for b in args.bits.split(",") if b]
+    if args.rounds < 1 or args.steps < 1:
+        raise SystemExit("--rounds and --steps must be >= 1")
+    results = new_results("step_time", args, argv, load_average_1min_at_start=os.getloadavg()[0])
+    results.pop("variants")
+    results["models"] = [measure(name, args) for name in args.models]
+    results["load_average_1min_at_end"] = os.getloadavg()[0]
+    write(results, args.out)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -58,10 +58,10 @@ def _quantized(name, fashion, bits, config):
     return q
 
 
-def _export_and_verify(q, fashion, name, bits=8):
+def _export_and_verify(q, fashion, name, bits=8, **export_options):
     """What export guarantees whatever the model: an integer-only graph, the IntegerGraph equal to
     TFLite's reference kernels bit for bit, and only the known ops outside XNNPACK."""
-    flat = tfl.to_tflite(q)
+    flat = tfl.to_tflite(q, **export_options)
     report = ver.verify(q, flat, fashion[2])
     assert report["integer_graph_vs_reference"]["bit_exact"], (name, report)
     assert not set(report["op_counts"]) & {"FAKE_QUANT", "QUANTIZE", "DEQUANTIZE"}, (name, report)
@@ -73,10 +73,10 @@ def _export_and_verify(q, fashion, name, bits=8):
     return flat, report
 
 
-def _assert_parity(q, fashion, name, bits=8, within=0.999):
+def _assert_parity(q, fashion, name, bits=8, within=0.999, **export_options):
     """The export issue's target: TFLite (XNNPACK) within one output step of Keras for >= 99.9%
     of values and argmax agreement >= 99.9% where the top-2 margin exceeds two steps."""
-    flat, report = _export_and_verify(q, fashion, name, bits)
+    flat, report = _export_and_verify(q, fashion, name, bits, **export_options)
     x = report["xnnpack"]
     assert x["within_one_step"] >= within, (name, report)
     assert x["argmax_agreement"] is None or x["argmax_agreement"] >= within, (name, report)
@@ -88,6 +88,13 @@ def _assert_parity(q, fashion, name, bits=8, within=0.999):
 #: 8 bits; at W4A4/W2A2 mobile_swish stays below it in some configurations (measured 99.83% at W4A4
 #: c3, 90.3% at W4A4 c1): single-step differences of TFLite's int8 LOGISTIC/HARD_SWISH/MEAN kernels
 #: flip codes of the following coarse grids. The regression guard for those cells is 90%.
+#: Cause (tests/test_parity_ops.py, benchmarks/parity_layers.py): under XNNPACK every op equals the
+#: Keras forward except HARD_SWISH, whose int8 kernel misses 1-2 of the 256 input codes; LOGISTIC
+#: and MUL match exactly. With to_tflite(exact_hard_swish=True) (hard swish as an exact int8 table)
+#: W4A4 c1 measured 90.33% -> 100% within one step (asserted below). W4A4 c2 (signed symmetric
+#: activations) stays at 98.63% and c3 at 99.83% with or without the tables (identical numbers: the
+#: tables may not apply to signed grids, or a second cause); not yet diagnosed.
+EXACT_HARD_SWISH_CONFIGS = (1,)  # W4A4 cells measured at >= 99.9% with exact_hard_swish=True
 PARITY_GAP = ("known gap: mobile_swish W4A4/W2A2 below 99.9% of outputs within one step of Keras in "
               "some configurations; see README 'Export'")
 
@@ -108,15 +115,20 @@ def test_snap_biases_puts_folded_biases_on_the_accumulator_grid(fashion):
 
     def folded_bias_and_step():
         folded = tfl.fold_weights(conv, bn)
-        return folded.bias, tfl.input_step(view, conv.name) * folded.step
+        # the export stores each channel's codes times k, the largest multiple of INT4's
+        # floor(7 / max|code|) with k * max|code| <= 127 (4-bit codes): a k-fold finer grid
+        peak = np.maximum(np.max(np.abs(folded.codes).reshape(-1, folded.codes.shape[-1]), axis=0), 1)
+        k4 = np.floor(7 / peak)
+        k = k4 * np.floor(127 / (peak * k4))
+        return folded.bias, tfl.input_step(view, conv.name) * folded.step / k
 
     bias, acc = folded_bias_and_step()
-    np.testing.assert_allclose(bias / acc, np.round(bias / acc), atol=1e-3)
+    np.testing.assert_allclose(bias / acc, np.round(bias / acc), atol=1e-2)
     beta = bn.beta.numpy().copy()
     bn.beta.assign(beta + 0.37 * acc)  # move every channel off the grid by 0.37 steps
     rows = {r["layer"]: r for r in tfl.snap_biases(q)}
     assert rows[conv.name]["changed"]
-    assert rows[conv.name]["max_accumulator_steps"] == pytest.approx(0.37, abs=1e-3)
+    assert rows[conv.name]["max_accumulator_steps"] == pytest.approx(0.37, abs=1e-2)
     np.testing.assert_allclose(bn.beta.numpy(), beta, atol=1e-4 * np.max(acc) + 1e-6)
     assert not any(r["changed"] for r in tfl.snap_biases(q))
 
@@ -133,6 +145,8 @@ def test_mobile_swish_exports_integer_only_and_exact(fashion, bits, config):
 @pytest.mark.parametrize("config", [1, 2, 3, 4])
 def test_full_grid(fashion, name, bits, config):
     q = _quantized(name, fashion, bits, config)
+    if name == "mobile_swish" and bits == 4 and config in EXACT_HARD_SWISH_CONFIGS:
+        _assert_parity(q, fashion, f"{name} W{bits}A{bits} c{config} exact hard swish", bits, exact_hard_swish=True)
     if name == "mobile_swish" and bits < 8:
         _, report = _assert_parity(q, fashion, f"{name} W{bits}A{bits} c{config}", bits, within=0.9)
         if not ver.passes(report):
@@ -210,16 +224,41 @@ def test_negative_gamma_flips_codes(fashion):
     _assert_parity(q, fashion, "negative gamma", 4, within=0.995)
 
 
-def test_int4_weights_store_int4_with_identical_outputs(fashion):
+def test_int4_weights_store_int4_with_the_same_kernel(fashion):
+    """After snapping for INT4 (the coarser bias grid, which the int8 grid contains) both storages
+    hold the same layer: per output channel the int8 export's int32 bias and weight scale are the
+    INT4 export's times one whole factor k (its codes are k times larger), so the accumulators agree
+    up to k. Outputs then differ only through the kernels' requantisation rounding (the fixed-point
+    multiplier's shift changes with k), so the predictions agree."""
     q = _quantized("small_cnn", fashion, 4, 4)
+    tfl.snap_biases(q, int4_weights=True)
     int8 = tfl.to_tflite(q)
     int4 = tfl.to_tflite(q, int4_weights=True)
     from ai_edge_litert.interpreter import Interpreter
+
+    def biases(flat):
+        interp = Interpreter(model_content=flat)
+        interp.allocate_tensors()
+        return {d["name"]: (interp.get_tensor(d["index"]).astype(np.float64),
+                            d["quantization_parameters"]["scales"].astype(np.float64))
+                for d in interp.get_tensor_details() if d["dtype"] == np.int32 and len(d["shape"]) == 1
+                and d["quantization_parameters"]["scales"].size}
+
     kinds = {d["dtype"].__name__ for d in Interpreter(model_content=int4).get_tensor_details()}
     assert "int4" in kinds or len(int4) < len(int8)
+    b8, b4 = biases(int8), biases(int4)
+    assert b8.keys() == b4.keys() and len(b8) == 4
+    factors = []
+    for name, (bias8, scale8) in b8.items():
+        bias4, scale4 = b4[name]
+        k = np.round(scale4 / scale8)
+        np.testing.assert_allclose(scale4 / scale8, k, rtol=1e-6)
+        np.testing.assert_array_equal(bias8, bias4 * k)
+        factors.append(k.max())
+    assert max(factors) >= 15  # the 4-bit layers' codes are refined in int8 (k = 18 or more)
     y8, _ = ver.run_tflite(int8, fashion[2][:50], reference=True)
     y4, _ = ver.run_tflite(int4, fashion[2][:50], reference=True)
-    np.testing.assert_array_equal(y4, y8)
+    assert np.mean(np.argmax(y8, 1) == np.argmax(y4, 1)) >= 0.95
 
 
 def test_int4_requested_for_8_bit_grids_is_an_error(fashion):
@@ -311,16 +350,18 @@ def test_pwlq_without_integer_ratio_is_a_clear_error(fashion):
 
 def test_narrow_range_weights_make_every_low_bit_layer_int4(fashion):
     """With [-7, 7] weight codes BatchNorm folding cannot leave INT4's range: every 4-bit layer is
-    stored as INT4 and the outputs equal the INT8-stored model's."""
+    stored as INT4 and its predictions agree with the INT8-stored model's (the same kernels, see
+    test_int4_weights_store_int4_with_the_same_kernel)."""
     q = tfq.quantize_model(_float_model("small_cnn", fashion), method="lsq+", weight_bits=4, activation_bits=4,
                            narrow_range_weights=True)
     tfq.calibrate(q, fashion[0][:256])
+    tfl.snap_biases(q, int4_weights=True)
     notes = [e["note"] for e in tfl.export_report(q, int4_weights=True) if e["grid"] == "weights" and e["bits"] == 4]
     assert notes and all("INT4 storage" in n for n in notes), notes
     y8, _ = ver.run_tflite(tfl.to_tflite(q), fashion[2][:50], reference=True)
     flat4 = tfl.to_tflite(q, int4_weights=True)
     y4, _ = ver.run_tflite(flat4, fashion[2][:50], reference=True)
-    np.testing.assert_array_equal(y4, y8)
+    assert np.mean(np.argmax(y4, 1) == np.argmax(y8, 1)) >= 0.95
     # the interpreter reports unpacked dtypes; packing shows in the file: the 4-bit kernels (most of
     # small_cnn's weights) take half the bytes
     assert len(flat4) < 0.7 * len(tfl.to_tflite(q))

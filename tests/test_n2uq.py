@@ -468,6 +468,77 @@ def test_scheme_places_n2uq_on_inner_layers_and_lsq_at_8_bits():
     assert rows["block1_conv"]["weight_bits"] == 8
 
 
+@pytest.mark.parametrize("low, high", [(0.0, 0.02), (-0.28, 6.0)])
+def test_default_init_thresholds_lie_inside_the_calibration_range(low, high):
+    # issue 9 (EfficientNetB0, weights=None: post-swish activations ~0.07 wide) and issue 4
+    # (mobile_swish: swish outputs up to ~6): the paper's thresholds on [0, 2] sent every value of
+    # the first case to one level (a constant network that the TFLite converter rejects)
+    bits = 2
+    x = np.random.default_rng(5).uniform(low, high, (8, 256)).astype(np.float32)
+    init = schemes.N2UQQuantizers().activation_quantizer(bits, "activation").init
+    assert init == "data"
+    levels, mse = {}, {}
+    for init in ("data", "paper"):
+        q = n2uq.N2UQActivationQuantizer(bits, init=init)
+        _, w = build(q, (None, 256))
+        q(tf.constant(x), training=True, weights=w)
+        y = q(tf.constant(x), training=False, weights=w).numpy()
+        levels[init], mse[init] = np.unique(y).size, np.mean((y - x) ** 2)
+        p = q.parameters(w)
+        if init == "data":
+            thresholds = p["thresholds"] / p["beta1"]              # T_k in units of x
+            assert np.all(thresholds > low) and np.all(thresholds < high)
+            assert np.unique(q.integer_grid(w).code_table()).size == 2 ** bits
+    assert levels["data"] == 2 ** bits
+    assert levels["paper"] == (1 if high < 1 / 3 else 2 ** bits)
+    # the output the next layer (and its BatchNorm statistics) sees stays close to the input
+    fit = lsq.activation_quantizer(bits, config=4, init="lsq+")._init_activation(tf.constant(x))
+    s, z = float(fit["scale"]), np.round(-float(fit["offset"]) / float(fit["scale"]))
+    lsq_plus_mse = np.mean(((np.clip(np.round(x / s) + z, 0, 2 ** bits - 1) - z) * s - x) ** 2)
+    assert mse["data"] < 1.1 * lsq_plus_mse and mse["paper"] > 5 * mse["data"], mse
+
+
+def test_scheme_default_on_tiny_activations_keeps_every_table_non_constant():
+    # the smallest model with the EfficientNetB0 failure: activations far below the paper's first
+    # threshold 1/3 (no BatchNorm renormalises them); one training step, then the grids
+    keras.utils.set_random_seed(6)
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(4, 3, activation="relu", name="c1")(inputs)
+    h = keras.layers.Conv2D(4, 3, activation="relu", name="c2")(h)
+    h = keras.layers.Conv2D(4, 3, activation="relu", name="c3")(h)
+    outputs = keras.layers.Dense(10, name="head")(keras.layers.GlobalAveragePooling2D()(h))
+    net = keras.Model(inputs, outputs)
+    x = 0.01 * np.random.default_rng(6).random((8, 8, 8, 1), np.float32)
+    q = tfq.quantize_model(net, method="n2uq", weight_bits=2, activation_bits=2)  # default init
+    q.compile(optimizer=keras.optimizers.SGD(1e-3),
+              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    q.fit(x, np.arange(8) % 10, batch_size=8, epochs=1, verbose=0)
+    tables = [quant.integer_grid(q.get_layer("quant_" + name)._output_quantizer_vars).code_table()
+              for (name, role), quant in quantizer_map(q).items()
+              if isinstance(quant, n2uq.N2UQActivationQuantizer)]
+    assert len(tables) == 2
+    assert [np.unique(t).size for t in tables] == [4, 4]  # init="paper": [1, 1]
+
+
+@pytest.mark.slow
+def test_efficientnet_b0_cut_trains_and_exports():
+    # issue 9's large-model cell at 32x32, cut after block 1: with init="paper" every N2UQ table
+    # was constant and the TFLite converter failed ("Model input is not dequantized")
+    net = keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3), classes=10)
+    pooled = keras.layers.GlobalAveragePooling2D()(net.get_layer("block1a_project_bn").output)
+    model = keras.Model(net.input, keras.layers.Dense(10)(pooled))
+    q = tfq.quantize_model(model, method="n2uq", weight_bits=2, activation_bits=2)
+    q.compile(optimizer=keras.optimizers.SGD(1e-3),
+              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(8)
+    q.fit(rng.random((4, 32, 32, 3), np.float32), rng.integers(0, 10, 4), epochs=1, verbose=0)
+    tables = [quant.integer_grid(q.get_layer("quant_" + name)._output_quantizer_vars).code_table()
+              for (name, role), quant in quantizer_map(q).items()
+              if isinstance(quant, n2uq.N2UQActivationQuantizer)]
+    assert len(tables) >= 4 and all(np.unique(t).size > 1 for t in tables)
+    assert len(tfq.export.to_tflite(q)) > 0
+
+
 def test_trains_on_random_data_without_nan():
     q = n2uq_model(seed=1)
     rng = np.random.default_rng(1)

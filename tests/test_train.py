@@ -4,11 +4,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import tf_keras as keras
 
 import tfq
-from tfq import data
+from tfq import data, train
 
 needs_fashion = pytest.mark.skipif(
     not os.path.exists(os.path.join(data.data_dir(), "t10k-labels-idx1-ubyte.gz")),
@@ -63,3 +64,37 @@ def test_run_rejects_callback_options_for_a_method_without_callback(tmp_path):
         tfq.schemes.training_callbacks("lsq+", 4, callback_options={"lambda_": 0.1})
     with pytest.raises(ValueError, match="callback_options=.*'ddq' trains without a callback"):
         tfq.schemes.training_callbacks("ddq", 4, {"mode": "fixed"}, callback_options={"alpha": -0.01})
+
+
+def test_reestimate_batch_norm_sets_the_average_batch_statistics():
+    """Hand check: the moving statistics become the mean over batches of each batch's channel mean
+    and (unbiased) variance of the BatchNorm's input; nothing else changes, momentum is restored."""
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((8, 8, 1))
+    conv = keras.layers.Conv2D(4, 3, use_bias=False, name="conv")(inp)
+    x = keras.layers.BatchNormalization(name="bn")(conv)
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(x))
+    model = keras.Model(inp, keras.layers.Dense(3)(x))
+    q = tfq.quantize_model(model, "lsq+", weight_bits=4, activation_bits=4)
+    images = np.random.default_rng(0).random((40, 8, 8, 1)).astype(np.float32)
+    tfq.calibrate(q, images[:16])
+    bn = tfq.costs.inner_layer(q.get_layer("bn"))
+    others = {v.name: v.numpy().copy() for v in q.variables
+              if v is not bn.moving_mean and v is not bn.moving_variance}
+    conv_out = keras.Model(q.input, q.get_layer("quant_conv").output)
+    means, variances = [], []
+    for batch in (images[:16], images[16:32], images[32:]):
+        y = np.asarray(conv_out(batch, training=False), np.float64).reshape(-1, 4)
+        means.append(y.mean(0))
+        variances.append(y.var(0, ddof=1))
+    assert train.reestimate_batch_norm(q, images, batch_size=16) == 1
+    np.testing.assert_allclose(bn.moving_mean.numpy(), np.mean(means, 0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), np.mean(variances, 0), rtol=1e-4, atol=1e-6)
+    assert bn.momentum == pytest.approx(0.99)
+    for v in q.variables:
+        if v.name in others:
+            np.testing.assert_array_equal(v.numpy(), others[v.name], err_msg=v.name)
+    with pytest.raises(ValueError, match="images must be a non-empty array"):
+        train.reestimate_batch_norm(q, np.zeros((0, 8, 8, 1)))
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 2"):
+        train.reestimate_batch_norm(q, images, batch_size=1)

@@ -2,7 +2,7 @@
 
     tfq train  --dataset=fashion_mnist --model=mobile_swish --method=lsq+ \\
                --weight_bits=4 --activation_bits=4 --run_dir=runs/demo
-    tfq export RUN_DIR --format=tflite|integer [--int4_weights]
+    tfq export RUN_DIR --format=tflite|integer [--int4_weights] [--exact_hard_swish]
     tfq ptq    RUN_DIR_OR_MODEL --weight_bits=4 [--breakpoint=search --granularity=group ...]
     tfq bench  MODEL.tflite [MODEL2.tflite ...] --target=host|aarch64|android [--threads=1]
     tfq report RUN_DIR [--report_examples=256]
@@ -39,9 +39,16 @@ flags.DEFINE_string("run_dir", "runs/latest", "output directory (train, ptq)")
 flags.DEFINE_string("callback_options", None, "train: JSON options of the method's callback, e.g. "
                     "'{\"lambda_\": 0.1}' for adaqat, '{\"alpha\": -0.02}' for ddq")
 flags.DEFINE_string("cache_dir", None, "float checkpoint cache (default RUN_DIR/cache)")
+flags.DEFINE_integer("bn_reestimate_examples", 0, "train: re-estimate the BatchNorm statistics from this many "
+                     "training examples after fine-tuning (tfq.train.reestimate_batch_norm; 0: keep them)")
+flags.DEFINE_integer("bias_grid_steps", 0, "train: steps of fine-tuning with BatchNorm frozen and biases kept on "
+                     "the int32 export grid after the epochs (tfq.train.finetune_on_bias_grid; 0: snap only)")
 # export
 flags.DEFINE_enum("format", "tflite", ["tflite", "integer"], "export format")
 flags.DEFINE_bool("int4_weights", False, "also write a TFLite model storing <= 4-bit weights as INT4")
+flags.DEFINE_bool("exact_hard_swish", False, "export: hard-swish layers as exact int8 tables of the trained forward "
+                  "(Keras-TFLite parity; larger and slower than TFLite's HARD_SWISH op, which rounds 1-2 of the "
+                  "256 codes differently)")
 flags.DEFINE_bool("evaluate", True, "export: evaluate Keras, TFLite and IntegerGraph on the test set")
 flags.DEFINE_integer("integer_limit", None, "export: IntegerGraph accuracy on the first N test examples")
 # ptq
@@ -88,7 +95,9 @@ def _train(args):
                         weight_bits=FLAGS.weight_bits, activation_bits=FLAGS.activation_bits,
                         first_last_bits=FLAGS.first_last_bits, float_epochs=FLAGS.float_epochs,
                         epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
-                        seed=FLAGS.seed, limit=FLAGS.limit, cache_dir=FLAGS.cache_dir, **options)
+                        seed=FLAGS.seed, limit=FLAGS.limit, cache_dir=FLAGS.cache_dir,
+                        bias_grid_steps=FLAGS.bias_grid_steps,
+                        bn_reestimate_examples=FLAGS.bn_reestimate_examples, **options)
     print(f"\n{FLAGS.model} on {FLAGS.dataset}: float accuracy {metrics['float_accuracy']:.4f}, "
           f"{FLAGS.method} W{FLAGS.weight_bits}A{FLAGS.activation_bits} accuracy "
           f"{metrics['quantized_accuracy']:.4f}; run directory {FLAGS.run_dir} "
@@ -99,7 +108,7 @@ def _export(args):
     from tfq.export import runs
     run_dir = _one_path("export", args, "RUN_DIR")
     runs.export_run(run_dir, FLAGS.format, FLAGS.int4_weights, evaluate=FLAGS.evaluate,
-                    integer_limit=FLAGS.integer_limit)
+                    integer_limit=FLAGS.integer_limit, exact_hard_swish=FLAGS.exact_hard_swish)
 
 
 def _ptq(args):

@@ -416,7 +416,7 @@ class N2UQQuantizers(MethodQuantizers):
 
     name = "n2uq"
 
-    def __init__(self, param_lr_scale=0.1, input_init="lsq+", init="paper"):
+    def __init__(self, param_lr_scale=0.1, input_init="lsq+", init="data"):
         from tfq.quantizers import n2uq
         # validates the arguments
         n2uq.N2UQActivationQuantizer(2, param_lr_scale=param_lr_scale, input_init=input_init, init=init)
@@ -438,13 +438,15 @@ class N2UQQuantizers(MethodQuantizers):
         return lsq.activation_quantizer(bits, config=4, init="lsq+")
 
 
-def N2UQScheme(weight_bits=2, activation_bits=2, first_last_bits=8, param_lr_scale=0.1, init="paper",
+def N2UQScheme(weight_bits=2, activation_bits=2, first_last_bits=8, param_lr_scale=0.1, init="data",
                input_init="lsq+", intermediate_bits=8, quantize_inputs=True):
     """N2UQ (n2uq.txt): ``weight_bits`` 2..7; ``param_lr_scale`` is the learning-rate factor of the
     activation thresholds, start and scales (paper: 1/10), valid for any optimizer (see
-    ``tfq.quantizers.n2uq``); ``init`` "paper" (beta1 = beta2 = 1) or "data" (beta1, beta2 from
-    the first batch, for short fine-tuning of pretrained models); ``input_init`` initialises the
-    8-bit grid the thresholds act on."""
+    ``tfq.quantizers.n2uq``); ``init`` "data" (default: each quantizer starts equal to an LSQ+
+    quantizer fitted to the first batch, so a pretrained model's activations and BatchNorm
+    statistics still match) or "paper" (sec. 4.1: uniform on [0, 2], beta1 = beta2 = 1; after a
+    short fine-tuning BatchNorm's moving statistics still hold the float model's, see
+    docs/n2uq.md); ``input_init`` initialises the 8-bit grid the thresholds act on."""
     from tfq.quantizers import n2uq
     qbase.check_bits(weight_bits, "weight_bits", high=n2uq.MAX_WEIGHT_BITS)
     return TFQScheme(N2UQQuantizers(param_lr_scale, input_init, init), weight_bits, activation_bits,

@@ -150,6 +150,48 @@ def machine_info():
             "date": time.strftime("%Y-%m-%d")}
 
 
+def reestimate_batch_norm(model, images, batch_size=256):
+    """Set every BatchNormalization's moving mean and variance to the average, over ``images`` (an
+    array, in batches), of the batch statistics the trained network produces in training mode;
+    every other variable (weights, quantizer state written by training-mode calls) is restored.
+
+    After a short low-bit fine-tune the moving statistics still describe the float network (BN
+    momentum 0.99), and inference-mode accuracy suffers: re-estimating them is the usual last
+    step of QAT. Returns the number of BatchNorm layers updated. Call it before ``snap_biases``
+    (the int32 bias grid depends on these statistics).
+    """
+    images = np.asarray(images, np.float32)
+    if images.ndim < 2 or len(images) == 0:
+        raise ValueError(f"images must be a non-empty array of examples, got shape {images.shape}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 2:
+        raise ValueError(f"batch_size must be an integer >= 2 (batch statistics), got {batch_size!r}")
+    from tfq.callbacks.bias_grid import batch_norm_layers
+    layers = batch_norm_layers(model)
+    statistics = {id(v) for layer in layers for v in (layer.moving_mean, layer.moving_variance)}
+    others = [(v, v.numpy()) for v in model.variables if id(v) not in statistics]
+    momenta = [layer.momentum for layer in layers]
+    sums = [[np.zeros(layer.moving_mean.shape), np.zeros(layer.moving_variance.shape)] for layer in layers]
+    batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+    batches = [b for b in batches if len(b) > 1] or batches
+    for layer in layers:
+        layer.momentum = 0.0  # moving statistics := this batch's statistics
+    try:
+        for batch in batches:
+            model(tf.constant(batch), training=True)
+            for total, layer in zip(sums, layers):
+                total[0] += layer.moving_mean.numpy() / len(batches)
+                total[1] += layer.moving_variance.numpy() / len(batches)
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+        for variable, value in others:
+            variable.assign(value)
+    for layer, (mean, variance) in zip(layers, sums):
+        layer.moving_mean.assign(mean.astype(np.float32))
+        layer.moving_variance.assign(variance.astype(np.float32))
+    return len(layers)
+
+
 def snap_biases_for_export(model):
     """``tfq.export.snap_biases`` (biases onto the integer model's int32 grid, so the saved Keras
     model computes what its export computes); a model that cannot be exported keeps its biases and
@@ -164,11 +206,55 @@ def snap_biases_for_export(model):
             "max_output_steps_moved": max(moved) if moved else 0.0}
 
 
+def finetune_on_bias_grid(model, dataset, steps, learning_rate=1e-4, batch_size=128, seed=0, limit=None,
+                          bias_update="straight_through", verbose=0):
+    """Short end phase of QAT on the integer model's int32 bias grid (export issue 3).
+
+    For ``steps`` optimizer steps (Adam, cosine decay from ``learning_rate``) every
+    BatchNormalization runs in inference mode with frozen moving statistics, and
+    ``tfq.callbacks.BiasGridProjection(bias_update)`` keeps each folded bias on its accumulator grid
+    ``s_in * s_w'`` after every step, so the Keras forward equals the integer model's. Ends with an
+    exact ``tfq.export.snap_biases``; BatchNorm then runs in its own mode again (``trainable`` flags
+    unchanged; gamma and beta train in the phase, see ``tfq.callbacks.bias_grid``). ``dataset``:
+    a dataset name (``tfq.data.load``) or a ``tf.data.Dataset`` of ``(image, label)`` batches,
+    repeated as needed. Returns ``{"steps", "seconds", "max_output_steps_moved"}`` (the final snap's
+    largest move, ~0 since the phase ends on the grid).
+    """
+    from tfq.callbacks.bias_grid import BiasGridProjection, frozen_batch_norm
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a positive integer (optimizer steps of the bias-grid phase), got {steps!r}")
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
+    keras.utils.set_random_seed(seed)
+    train = _dataset(dataset, "train", batch_size, limit, seed) if isinstance(dataset, str) else dataset
+    if not isinstance(train, tf.data.Dataset):
+        raise ValueError(f"dataset must be a dataset name or a tf.data.Dataset, got {type(dataset).__name__}")
+    projection = BiasGridProjection(bias_update)
+    start = time.perf_counter()
+    with frozen_batch_norm(model):
+        compile_model(model, learning_rate, steps=int(steps))
+        model.fit(train.repeat(), epochs=1, steps_per_epoch=int(steps), verbose=verbose, callbacks=[projection])
+        final = snap_biases_for_export(model)  # exact; BiasGridProjection raised already if it cannot
+    compile_model(model, learning_rate)  # drop the train function traced with BatchNorm pinned
+    return {"steps": int(steps), "bias_update": bias_update, "seconds": time.perf_counter() - start,
+            "max_output_steps_moved": final["max_output_steps_moved"]}
+
+
 def run(run_dir, dataset="fashion_mnist", model="mobile_swish", method="lsq+", weight_bits=4,
         activation_bits=4, float_epochs=3, epochs=2, batch_size=128, learning_rate=5e-4, seed=0,
-        limit=None, cache_dir=None, verbose=1, callback_options=None, **method_options):
+        limit=None, cache_dir=None, verbose=1, callback_options=None, bias_grid_steps=0,
+        bn_reestimate_examples=0, **method_options):
     """The main job (see module docstring). Returns the metrics dict. ``callback_options`` go to
-    the method's training callbacks (``tfq.schemes.training_callbacks``)."""
+    the method's training callbacks (``tfq.schemes.training_callbacks``); ``bn_reestimate_examples``
+    > 0 re-estimates the BatchNorm statistics from that many training examples after fine-tuning
+    (``reestimate_batch_norm``); ``bias_grid_steps`` > 0 adds ``finetune_on_bias_grid`` for that
+    many steps after that (0: snap only)."""
+    if (isinstance(bn_reestimate_examples, bool) or not isinstance(bn_reestimate_examples, (int, np.integer))
+            or bn_reestimate_examples < 0):
+        raise ValueError("bn_reestimate_examples must be an integer >= 0 (0: keep the trained statistics), "
+                         f"got {bn_reestimate_examples!r}")
+    if isinstance(bias_grid_steps, bool) or not isinstance(bias_grid_steps, (int, np.integer)) or bias_grid_steps < 0:
+        raise ValueError(f"bias_grid_steps must be an integer >= 0 (0: no bias-grid phase), got {bias_grid_steps!r}")
     os.makedirs(run_dir, exist_ok=True)
     start = time.perf_counter()
     net, cache_path = float_model(dataset, model, float_epochs, batch_size, seed=seed, limit=limit,
@@ -180,9 +266,21 @@ def run(run_dir, dataset="fashion_mnist", model="mobile_swish", method="lsq+", w
     callbacks = schemes.training_callbacks(method, weight_bits, method_options, log_dir, callback_options)
     seconds = finetune(q, dataset, epochs, batch_size, learning_rate, seed, limit,
                        log_dir=log_dir, verbose=verbose, callbacks=callbacks)
+    batch_norm = {"examples": int(bn_reestimate_examples)}
+    if bn_reestimate_examples:
+        batch_norm["accuracy_before"] = evaluate(q, dataset)
+        images = tfq_data.load_numpy(dataset, "train", limit=int(bn_reestimate_examples))[0]
+        batch_norm["layers"] = reestimate_batch_norm(q, images)
     unsnapped_acc = evaluate(q, dataset)
     snap = snap_biases_for_export(q)
     quant_acc = evaluate(q, dataset) if snap["changed"] else unsnapped_acc
+    bias_grid = {"steps": int(bias_grid_steps), "accuracy_after_snap_without_phase": quant_acc}
+    if bias_grid_steps and "error" not in snap:
+        bias_grid.update(finetune_on_bias_grid(q, dataset, int(bias_grid_steps), batch_size=batch_size, seed=seed,
+                                               limit=limit, verbose=verbose))
+        quant_acc = bias_grid["accuracy_after_phase"] = evaluate(q, dataset)
+    elif bias_grid_steps:
+        bias_grid["skipped"] = "the model cannot be exported, so it has no int32 bias grid (see bias_snap)"
     q.save(os.path.join(run_dir, "quantized.h5"))
     metrics = {
         "dataset": dataset, "model": model, "method": method, "weight_bits": weight_bits,
@@ -192,7 +290,7 @@ def run(run_dir, dataset="fashion_mnist", model="mobile_swish", method="lsq+", w
         "quantized_accuracy": quant_acc, "quantized_accuracy_before_bias_snap": unsnapped_acc,
         "callbacks": [type(c).__name__ for c in callbacks], "callback_options": callback_options or {},
         "costs": costs.summary(q),
-        "bias_snap": snap, "epoch_seconds": seconds,
+        "batch_norm_reestimation": batch_norm, "bias_snap": snap, "bias_grid": bias_grid, "epoch_seconds": seconds,
         "total_seconds": time.perf_counter() - start, "quantizers": quantizer_parameters(q),
         "machine": machine_info(),
     }

@@ -2,11 +2,13 @@
 
 ``tfq.callbacks.AdaQAT`` (adaqat.txt: finite-difference bit-width updates) and
 ``tfq.callbacks.DDQGateSchedule`` (ddq.txt: precision schedule under a memory budget). Each lives in
-its own module beside this one; both names are importable from here.
+its own module beside this one; both names are importable from here, as is
+``tfq.callbacks.BiasGridProjection`` (bias_grid.py: folded biases kept on the int32 export grid).
 """
 import importlib as _importlib
 
-_EXPORTS = {"AdaQAT": "tfq.callbacks.adaqat", "DDQGateSchedule": "tfq.callbacks.ddq"}
+_EXPORTS = {"AdaQAT": "tfq.callbacks.adaqat", "DDQGateSchedule": "tfq.callbacks.ddq",
+            "BiasGridProjection": "tfq.callbacks.bias_grid"}
 
 
 def __getattr__(name):

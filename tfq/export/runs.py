@@ -36,7 +36,7 @@ def tflite_accuracy(flatbuffer, x, y):
     return float(np.mean(out.reshape(len(out), -1).argmax(1) == y))
 
 
-def integer_graph_accuracy(graph, flatbuffer, x, y, batch=500):
+def integer_graph_accuracy(graph, flatbuffer, x, y, batch=100):
     from tfq.export.verify import _interpreter, quantize_input
     detail = _interpreter(flatbuffer, reference=True).get_input_details()[0]
     predictions = []
@@ -56,8 +56,9 @@ def float_tflite(float_model, path):
 
 
 def export_run(run_dir, fmt="tflite", int4_weights=False, dataset=None, evaluate=True, integer_limit=None,
-               verify_examples=1000, out_dir=None, log=print):
-    """Export ``run_dir``'s quantized model; returns (and writes to ``export.json``) a summary."""
+               verify_examples=1000, out_dir=None, log=print, exact_hard_swish=False):
+    """Export ``run_dir``'s quantized model; returns (and writes to ``export.json``) a summary.
+    ``exact_hard_swish``: see ``tfq.export.to_tflite``."""
     from tfq import data
     from tfq.export import tflite, verify
     from tfq.export.integer import IntegerGraph
@@ -67,11 +68,13 @@ def export_run(run_dir, fmt="tflite", int4_weights=False, dataset=None, evaluate
     model = load_run_model(run_dir)
     dataset = dataset or run_metrics(run_dir).get("dataset", "fashion_mnist")
     start = time.perf_counter()
-    int8 = tflite.to_tflite(model, os.path.join(out_dir, "model_int8.tflite"))
+    int8 = tflite.to_tflite(model, os.path.join(out_dir, "model_int8.tflite"), exact_hard_swish=exact_hard_swish)
     summary = {"run_dir": run_dir, "dataset": dataset, "format": fmt, "int8_bytes": len(int8),
-               "export_seconds": time.perf_counter() - start, "layers": tflite.export_report(model)}
+               "exact_hard_swish": bool(exact_hard_swish), "export_seconds": time.perf_counter() - start,
+               "layers": tflite.export_report(model, exact_hard_swish=exact_hard_swish)}
     if int4_weights:
-        int4 = tflite.to_tflite(model, os.path.join(out_dir, "model_int4w.tflite"), int4_weights=True)
+        int4 = tflite.to_tflite(model, os.path.join(out_dir, "model_int4w.tflite"), int4_weights=True,
+                                exact_hard_swish=exact_hard_swish)
         summary["int4_weights_bytes"] = len(int4)
     float_path = os.path.join(run_dir, "float.h5") if os.path.isdir(run_dir) else None
     if float_path and os.path.exists(float_path):

@@ -139,6 +139,65 @@ def fold_weights(wrapper, batch_norm=None) -> FoldedWeights:
     return FoldedWeights(codes.astype(np.int64), step, per_channel, bias, int(getattr(grid, "bits", 8)), kind)
 
 
+INT8_CODE_LIMIT = 127  # TFLite's symmetric int8 weights
+INT4_CODE_LIMIT = 7    # symmetric INT4 storage
+
+
+def code_multipliers(folded, limit=INT8_CODE_LIMIT, base=1.0):
+    """Per output channel (one value for a per-tensor step): the largest multiple ``k`` of ``base``
+    with ``k * max|code| <= limit`` (at least ``base``)."""
+    codes = _to_channels_last(folded.kind, np.abs(folded.codes.astype(np.float64)))
+    peak = np.max(codes.reshape(-1, codes.shape[-1]), axis=0)
+    if not folded.per_channel:
+        peak = np.full(peak.shape, np.max(peak))
+    base = np.broadcast_to(np.asarray(base, np.float64), peak.shape)
+    return base * np.maximum(np.floor(limit / (np.maximum(peak, 1.0) * base)), 1.0)
+
+
+def refine_codes(folded, k):
+    """Multiply each output channel's codes by ``k`` (from ``code_multipliers``) and divide its
+    step by ``k``, in place.
+
+    The kernel's real values do not change, but the integer model rounds the bias to the accumulator
+    step ``s_in * s_w / k``, k times finer: a 2-bit kernel (codes -1..1) fills the int8 range with
+    codes -126..126 and its bias error shrinks 126-fold. Otherwise low-bit kernels use a small part
+    of the int8 container, and their coarse bias grid moves outputs by whole steps (``snap_biases``).
+    """
+    codes = _to_channels_last(folded.kind, folded.codes.astype(np.float64))
+    folded.codes = (codes * k).reshape(folded.codes.shape).astype(np.int64)
+    folded.step = np.asarray(folded.step, np.float64) / k
+
+
+def export_weights(view, name, batch_norm, int4_weights=False):
+    """``(folded, int4, note)``: the layer's BatchNorm-folded codes as the integer model stores them
+    (``refine_codes`` into the INT4 or int8 range, int32-safe bias), whether they are stored as
+    INT4, and a report note. ``snap_biases`` and the export both use this, so they agree."""
+    layer = view.layers[name]
+    folded = fold_weights(layer, batch_norm)
+    note = ""
+    int4 = int4_weights and folded.bits <= 4
+    if int4 and np.max(np.abs(folded.codes)) > INT4_CODE_LIMIT:
+        # code -8 negated by a negative BatchNorm gamma: INT4 storage is symmetric [-7, 7]
+        int4 = False
+        note += (f", INT8 storage: codes reach {int(np.max(np.abs(folded.codes)))} after folding "
+                 "(beyond INT4's [-7, 7]; quantize with narrow_range_weights=True for INT4)")
+    elif int4:
+        note += ", INT4 storage"
+    if folded.bits <= 4 and np.max(np.abs(folded.codes)) <= INT4_CODE_LIMIT:
+        # INT4's multiplier divides the int8 one: a bias on the INT4 grid is on the int8 grid too, so
+        # a model snapped for INT4 exports identically with either storage
+        k = code_multipliers(folded, INT4_CODE_LIMIT)
+        if not int4:
+            k = code_multipliers(folded, INT8_CODE_LIMIT, base=k)
+    else:
+        k = code_multipliers(folded, INT8_CODE_LIMIT)
+    refine_codes(folded, k)
+    if np.max(k) > 1:
+        note += f", codes x{int(np.min(k))}..{int(np.max(k))} (finer int32 bias grid)"
+    note += _keep_bias_in_int32(folded, input_step(view, name))
+    return folded, int4, note
+
+
 def tensor_step(grid):
     """Real value of one int8 code step of an activation tensor with ``grid`` (its output grid
     for table grids), as the consuming integer kernel sees it."""
@@ -317,6 +376,8 @@ class ExportWrapped(keras.layers.Layer):
 
     def call(self, *args, **kwargs):
         plan = self.output_plan
+        if plan is not None and plan["kind"] == "table" and plan.get("of_input"):
+            return emit(args[0], plan)  # the table is the whole layer: input code -> output code
         if plan is not None and plan["kind"] == "uniform" and _is_relu(self.inner):
             plan = dict(plan, nonnegative_input=True)  # the lower clamp at real 0 is the ReLU itself
         return emit(self.inner(*args, **kwargs), plan)
@@ -371,8 +432,38 @@ class ExportEntry:
     note: str
 
 
-def build_inference_model(model, int4_weights=False):
-    """(float Keras model with FakeQuant ops, report rows). See the module docstring."""
+def hard_swish_table_plan(view, name, output_grid):
+    """Plan of an exact int8 table replacing a hard-swish layer: each input code's output code
+    exactly as the Keras layer (hard swish, then its output quantizer) computes it.
+
+    TFLite's int8 HARD_SWISH kernel (fixed point, 16-bit intermediates) differs from
+    ``round(hard_swish(x) / s_out)`` by one code on ~0.5% of inputs; coarse grids after it amplify
+    that (docs/export.md, parity). The staircase (``_staircase``) computes the table exactly.
+    """
+    layer = view.layers[name]
+    in_quantizer, in_vars = costs.input_quantizer(view, name)
+    if in_quantizer is None:
+        return None
+    in_grid = in_quantizer.integer_grid(in_vars)
+    if not isinstance(in_grid, UniformGrid) or not isinstance(output_grid, UniformGrid):
+        return None
+    s_in, z_in, _, _ = in_grid.to_int8_container()
+    s_out, z_out, c_min, c_max = output_grid.to_int8_container()
+    x = ((np.arange(-128, 128) - z_in) * float(s_in)).astype(np.float32)
+    y = np.asarray(layer(tf.constant(x), training=False), np.float64)  # the Keras forward itself
+    table = np.clip(np.round(y / float(s_out)) + z_out, c_min, c_max).astype(np.int64)
+    return {"kind": "table", "of_input": True, "input": activation_plan(in_grid, name),
+            "table": table.tolist(), "scale": float(s_out), "zero_point": int(z_out)}
+
+
+def _is_hard_swish(layer):
+    return type(layer).__name__ == "Activation" and graph.activation_name(layer).split(">")[-1] == "hard_swish"
+
+
+def build_inference_model(model, int4_weights=False, exact_hard_swish=False):
+    """(float Keras model with FakeQuant ops, report rows). See the module docstring.
+    ``exact_hard_swish``: hard-swish layers become exact int8 tables (``hard_swish_table_plan``)
+    instead of TFLite's HARD_SWISH op."""
     view = graph.GraphView(model)
     folded_bn, report, replacements = {}, [], {}
     for name, layer in view.layers.items():
@@ -385,17 +476,8 @@ def build_inference_model(model, int4_weights=False):
                 if plan is not None:
                     raise ExportError(f"{name}: output quantized before its BatchNormalization {bn.name}")
                 folded_bn[bn.name] = name
-            folded = fold_weights(layer, bn)
-            note = "BatchNorm " + bn.name + " folded" if bn is not None else "no BatchNorm"
-            note += _keep_bias_in_int32(folded, input_step(view, name))
-            int4 = int4_weights and folded.bits <= 4
-            if int4 and np.max(np.abs(folded.codes)) > 7:
-                # code -8 negated by a negative BatchNorm gamma: INT4 storage is symmetric [-7, 7]
-                int4 = False
-                note += (f", INT8 storage: codes reach {int(np.max(np.abs(folded.codes)))} after folding "
-                         "(beyond INT4's [-7, 7]; quantize with narrow_range_weights=True for INT4)")
-            elif int4:
-                note += ", INT4 storage"
+            folded, int4, weights_note = export_weights(view, name, bn, int4_weights)
+            note = ("BatchNorm " + bn.name + " folded" if bn is not None else "no BatchNorm") + weights_note
             replacements[name] = ExportWeighted(name, kind, inner.get_config(), folded, plan, int4=int4)
             report.append(ExportEntry(name, kind, "weights", folded.bits, note))
             if plan is not None:
@@ -418,6 +500,12 @@ def build_inference_model(model, int4_weights=False):
             replacements[name] = ExportQuantize(name, plan)
         elif kind.startswith("QuantizeWrapper"):
             inner = costs.inner_layer(layer)
+            if exact_hard_swish and plan is not None and _is_hard_swish(inner):
+                table_plan = hard_swish_table_plan(view, name, grid)
+                if table_plan is not None:
+                    plan = table_plan
+                    report[-1].note += ("; exported as an exact int8 table of the input code (TFLite's "
+                                        "HARD_SWISH kernel rounds differently)")
             replacements[name] = ExportWrapped(name, inner.__class__.from_config(inner.get_config()), plan)
         elif type(layer).__name__ == "BatchNormalization":
             raise ExportError(f"{name}: BatchNormalization that does not follow a Conv/Dense cannot be "
@@ -459,7 +547,7 @@ def _activation_entry(name, grid, layer):
     return ExportEntry(name, "activation", type(grid).__name__, getattr(grid, "bits", None), note)
 
 
-def snap_biases(model):
+def snap_biases(model, int4_weights=False):
     """Move every weighted layer's (BatchNorm-folded) bias onto its int32 accumulator grid, in place.
 
     The integer model adds ``round(bias' / (s_in * s_w'))`` to the int32 accumulator, i.e. a bias
@@ -468,8 +556,11 @@ def snap_biases(model):
     times 4-bit weights feeding an 8-bit BatchNorm output), so Keras and the integer model would
     differ by whole output steps. This adds the rounding difference to the BatchNorm's beta (or the
     layer's bias) so that the Keras model computes what the integer model computes. Call it once,
-    after training and before evaluating or exporting (``tfq.train.run`` does). Returns one row per
-    layer: the largest change in accumulator steps (<= 0.5) and in output steps.
+    after training and before evaluating or exporting (``tfq.train.run`` does). The grid is the one
+    the export uses (``export_weights``: codes refined to fill the int8 range, or the INT4 range with
+    ``int4_weights=True``; an int8 grid is finer than the INT4 one, so snap with the storage you will
+    export). Returns one row per layer: the largest change in accumulator steps (<= 0.5) and in
+    output steps.
     """
     view = graph.GraphView(model)
     rows = []
@@ -478,9 +569,8 @@ def snap_biases(model):
         if type(inner).__name__ not in WEIGHTED or layer is inner:
             continue
         bn = _foldable_bn(view, name)
-        folded = fold_weights(layer, bn)
+        folded = export_weights(view, name, bn, int4_weights)[0]
         s_in = input_step(view, name)
-        _keep_bias_in_int32(folded, s_in)
         if s_in is None:
             rows.append({"layer": name, "changed": False, "note": "float input: no integer bias"})
             continue
@@ -493,32 +583,34 @@ def snap_biases(model):
             factor = fold.batch_norm_factors(target)[0] if bn is not None else np.ones_like(delta)
             safe = np.where(factor == 0, 1.0, factor)
             inner.bias.assign((inner.bias.numpy() + np.where(factor == 0, 0.0, delta / safe)).astype(np.float32))
-        elif np.any(np.abs(delta) > 1e-3 * accumulator_step):
+        elif np.any(np.abs(delta) > 1e-2 * accumulator_step):
             raise ExportError(f"{name}: its bias (from {bn.name if bn is not None else name}) has no variable "
                               "to snap onto the int32 grid (BatchNorm center=False and use_bias=False)")
         plan, grid = _output_plan(bn if bn is not None else layer)
         out_step = tensor_step(grid) if grid is not None else None
-        # float32 storage leaves ~1e-7 relative residue: "changed" means moved by > 1e-3 steps
-        rows.append({"layer": name, "changed": bool(np.any(np.abs(delta) > 1e-3 * accumulator_step)),
+        # float32 storage leaves ~1e-7 relative residue: "changed" means moved by > 1e-2 steps (a refined int8 grid is up to 127x finer than the weights)
+        rows.append({"layer": name, "changed": bool(np.any(np.abs(delta) > 1e-2 * accumulator_step)),
                      "max_accumulator_steps": float(np.max(np.abs(delta) / accumulator_step)),
                      "max_output_steps": (float(np.max(np.abs(delta))) / out_step if out_step else None),
                      "note": f"BatchNorm {bn.name} beta" if bn is not None else "bias"})
     return rows
 
 
-def export_report(model, int4_weights=False) -> List[Dict[str, Any]]:
+def export_report(model, int4_weights=False, exact_hard_swish=False) -> List[Dict[str, Any]]:
     """Per layer/tensor: grid, bits and what export did (BN folding, zero points, tables)."""
-    return [dataclasses.asdict(e) for e in build_inference_model(model, int4_weights)[1]]
+    return [dataclasses.asdict(e) for e in build_inference_model(model, int4_weights, exact_hard_swish)[1]]
 
 
-def to_tflite(model, path=None, int4_weights=False, int8_io=True) -> bytes:
+def to_tflite(model, path=None, int4_weights=False, int8_io=True, exact_hard_swish=False) -> bytes:
     """Integer-only TFLite flatbuffer of a quantized model (see the module docstring).
 
     ``int4_weights``: store weights of <= 4 bits as INT4 (requires every such layer's codes in
     [-7, 7]); ``int8_io``: int8 input/output tensors (else float, with QUANTIZE/DEQUANTIZE only at
-    the model boundary). Raises ``ExportError`` naming the layer when a layer cannot be exported.
+    the model boundary); ``exact_hard_swish``: hard-swish layers as exact int8 tables of the
+    trained forward (parity; slower than TFLite's HARD_SWISH op, which rounds differently).
+    Raises ``ExportError`` naming the layer when a layer cannot be exported.
     """
-    export_model, _ = build_inference_model(model, int4_weights)
+    export_model, _ = build_inference_model(model, int4_weights, exact_hard_swish)
     converter = tf.lite.TFLiteConverter.from_keras_model(export_model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if int8_io:

@@ -26,7 +26,10 @@ Initialisation: ``init="paper"`` is sec. 4.1 (``s = 0``, ``a_i = 2/(2^b - 1)``, 
 ``init="data"`` (not in the paper) starts the quantizer equal to a b-bit LSQ+ config-4 quantizer
 fitted to the first training batch, which needs a constant integer output zero point (the output
 levels stay uniform: ``beta2 * interval * (k - z)``); it suits short fine-tuning of pretrained
-models whose activations are not centred like the paper's (e.g. swish outputs).
+models whose activations are not centred like the paper's (e.g. swish outputs), and it is the
+scheme's default: from the paper's start, a tensor far narrower than [0, 2] maps to one level
+(a constant network), and one far wider is clipped, which moves the statistics the following
+BatchNorm layers' moving averages hold (docs/n2uq.md).
 
 Learning rate of the quantizer parameters (sec. 4.1: 1/10 of the weights'). Each of ``s``,
 ``a_i``, beta1, beta2 is stored as ``p / param_lr_scale`` and used as ``param_lr_scale * stored``
