@@ -48,6 +48,8 @@ def main(argv=None):
     parser.add_argument("--scale_parameterization", default="log", choices=["log", "linear"])
     parser.add_argument("--scale_lr_multiplier", type=float, default=None,
                         help="k of the log scale form (default: the scheme's)")
+    parser.add_argument("--bn_images", type=int, default=0,
+                        help="also record accuracy after re-estimating BatchNorm statistics on N images")
     parser.add_argument("--out", default=os.path.join(RESULTS, "lsq.json"))
     args = parser.parse_args(argv)
     methods = args.methods.split(",")

@@ -25,7 +25,7 @@ import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 import numpy as np
 
 from benchmarks.common import describe_error, finetune_and_evaluate, new_results, save_row
-from tfq import costs, data, train
+from tfq import costs, train
 from tfq.quantizers import n2uq
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -76,7 +76,6 @@ def main(argv=None):
     variants = [("float", None, None)]
     for bits in bits_list:
         variants += [(choices[name][0], bits, dict(choices[name][1])) for name in names]
-    bn_images = data.load_numpy("fashion_mnist", limit=args.bn_images)[0] if args.bn_images else None
 
     results = new_results("n2uq", args, argv, quick_run=args.limit is not None)
     float_epoch = None
@@ -95,9 +94,6 @@ def main(argv=None):
                            bitops=float(costs.bitops(model)))
             if method == "n2uq":
                 row["learned"] = learned_thresholds(model)
-            if bn_images is not None:
-                train.reestimate_batch_norm(model, bn_images)
-                row["keras_accuracy_bn_reestimated"] = train.evaluate(model, "fashion_mnist")
             if method == "float":
                 float_epoch = row["median_epoch_seconds"]
             row["epoch_ratio_to_float"] = row["median_epoch_seconds"] / float_epoch if float_epoch else None
