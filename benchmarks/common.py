@@ -78,3 +78,15 @@ def finetune_and_evaluate(model, args):
         train.reestimate_batch_norm(model, data.load_numpy("fashion_mnist", limit=args.bn_images)[0])
         row["keras_accuracy_bn_reestimated"] = train.evaluate(model, "fashion_mnist")
     return row
+
+
+def export_accuracy(model, test_limit=None):
+    """Snap the biases onto the int32 grid, export to TFLite and return the row fields: Keras accuracy
+    after the snap (what the integer model computes), TFLite (XNNPACK) accuracy and the int8 size."""
+    from tfq import data, train
+    from tfq.export import runs, tflite
+    snap = train.snap_biases_for_export(model)
+    int8 = tflite.to_tflite(model)
+    x, y = data.load_numpy("fashion_mnist", "test", limit=test_limit)
+    return {"bias_snap": snap, "keras_accuracy_after_bias_snap": train.evaluate(model, "fashion_mnist", limit=test_limit),
+            "tflite_accuracy": runs.tflite_accuracy(int8, x, y), "int8_bytes": len(int8)}

@@ -4,8 +4,8 @@ Fashion-MNIST, ``mobile_swish``, one cached float checkpoint, the same fine-tuni
 variant: float fine-tuning; uniform W4 (LSQ+, config 4 activations); DDQ(fix) W4 and DDQ mixed at a
 4-bit weight-memory budget (``tfq.callbacks.DDQGateSchedule``), each without and with the gradient
 correction of eq. 9. First/last layers are 8-bit in every quantized variant, so all quantized
-variants have the same memory budget. Records Keras test accuracy, the achieved weight memory,
-per-layer bits and epoch times; plots the per-layer bits of the mixed variants (fig. 3).
+variants have the same memory budget. Records Keras test accuracy (before and after the int32 bias
+snap), TFLite accuracy, the achieved weight memory, per-layer bits and epoch times; plots the per-layer bits of the mixed variants (fig. 3).
 
     python -m benchmarks.ddq --epochs=3                # or: make bench ONLY=ddq
 """
@@ -17,7 +17,8 @@ import time
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 
-from benchmarks.common import describe_error, median_epoch, new_results, save_figure, save_row, write
+from benchmarks.common import (describe_error, export_accuracy, median_epoch, new_results, save_figure,
+                               save_row, write)
 
 from tfq import costs, train
 
@@ -122,6 +123,7 @@ def main(argv=None):
                        total_seconds=time.perf_counter() - start)
             if method != "float":
                 row.update(memory_row(model))
+                row.update(export_accuracy(model))
             if schedule is not None:
                 row["schedule_history"] = schedule.history
             if method == "float":
