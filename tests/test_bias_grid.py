@@ -85,7 +85,7 @@ def _grid_offsets(q, steps=None):
         if steps is not None:
             steps[name] = s_in * s_w
         # the export's own fold agrees with the hand computation
-        folded = tfl.export_weights(view, name, q.get_layer(bn_name) if bn_name else None)[0]
+        folded = tfl.export_weights(wrapper, q.get_layer(bn_name) if bn_name else None, s_in)[0]
         np.testing.assert_allclose(folded.bias, bias, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(folded.step, np.broadcast_to(s_w, folded.step.shape), rtol=1e-5)
     return offsets

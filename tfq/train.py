@@ -150,6 +150,12 @@ def machine_info():
             "date": time.strftime("%Y-%m-%d")}
 
 
+def _check_count(value, minimum, message):
+    """Raise ``ValueError(message + ", got <value>")`` unless ``value`` is an integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{message}, got {value!r}")
+
+
 def reestimate_batch_norm(model, images, batch_size=256):
     """Set every BatchNormalization's moving mean and variance to the average, over ``images`` (an
     array, in batches), of the batch statistics the trained network produces in training mode;
@@ -163,8 +169,7 @@ def reestimate_batch_norm(model, images, batch_size=256):
     images = np.asarray(images, np.float32)
     if images.ndim < 2 or len(images) == 0:
         raise ValueError(f"images must be a non-empty array of examples, got shape {images.shape}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 2:
-        raise ValueError(f"batch_size must be an integer >= 2 (batch statistics), got {batch_size!r}")
+    _check_count(batch_size, 2, "batch_size must be an integer >= 2 (batch statistics)")
     from tfq.callbacks.bias_grid import batch_norm_layers
     layers = batch_norm_layers(model)
     statistics = {id(v) for layer in layers for v in (layer.moving_mean, layer.moving_variance)}
@@ -221,8 +226,7 @@ def finetune_on_bias_grid(model, dataset, steps, learning_rate=1e-4, batch_size=
     largest move, ~0 since the phase ends on the grid).
     """
     from tfq.callbacks.bias_grid import BiasGridProjection, frozen_batch_norm
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be a positive integer (optimizer steps of the bias-grid phase), got {steps!r}")
+    _check_count(steps, 1, "steps must be a positive integer (optimizer steps of the bias-grid phase)")
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
     keras.utils.set_random_seed(seed)
@@ -249,12 +253,9 @@ def run(run_dir, dataset="fashion_mnist", model="mobile_swish", method="lsq+", w
     > 0 re-estimates the BatchNorm statistics from that many training examples after fine-tuning
     (``reestimate_batch_norm``); ``bias_grid_steps`` > 0 adds ``finetune_on_bias_grid`` for that
     many steps after that (0: snap only)."""
-    if (isinstance(bn_reestimate_examples, bool) or not isinstance(bn_reestimate_examples, (int, np.integer))
-            or bn_reestimate_examples < 0):
-        raise ValueError("bn_reestimate_examples must be an integer >= 0 (0: keep the trained statistics), "
-                         f"got {bn_reestimate_examples!r}")
-    if isinstance(bias_grid_steps, bool) or not isinstance(bias_grid_steps, (int, np.integer)) or bias_grid_steps < 0:
-        raise ValueError(f"bias_grid_steps must be an integer >= 0 (0: no bias-grid phase), got {bias_grid_steps!r}")
+    _check_count(bn_reestimate_examples, 0,
+                 "bn_reestimate_examples must be an integer >= 0 (0: keep the trained statistics)")
+    _check_count(bias_grid_steps, 0, "bias_grid_steps must be an integer >= 0 (0: no bias-grid phase)")
     os.makedirs(run_dir, exist_ok=True)
     start = time.perf_counter()
     net, cache_path = float_model(dataset, model, float_epochs, batch_size, seed=seed, limit=limit,

@@ -38,17 +38,18 @@ from tfq import costs
 BIAS_UPDATES = ("straight_through", "projected", "frozen")
 
 
-def batch_norm_layers(model):
-    """The (inner) BatchNormalization layers of ``model``, wrapped or not."""
-    found = []
+def _inner_layers(model):
+    """Every layer of ``model`` (nested models descended into), tfmot wrappers unwrapped."""
     for layer in model.layers:
         if hasattr(layer, "layers") and not hasattr(layer, "quantize_config"):
-            found += batch_norm_layers(layer)  # nested model
-            continue
-        inner = costs.inner_layer(layer)
-        if isinstance(inner, keras.layers.BatchNormalization):
-            found.append(inner)
-    return found
+            yield from _inner_layers(layer)  # nested model
+        else:
+            yield costs.inner_layer(layer)
+
+
+def batch_norm_layers(model):
+    """The (inner) BatchNormalization layers of ``model``, wrapped or not."""
+    return [layer for layer in _inner_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
 
 
 def _inference_mode(training=None):
@@ -84,11 +85,7 @@ def frozen_batch_norm(model):
 def bias_variables(model):
     """Variables ``snap_biases`` may move: BatchNorm betas and weighted layers' biases."""
     variables = []
-    for layer in model.layers:
-        if hasattr(layer, "layers") and not hasattr(layer, "quantize_config"):
-            variables += bias_variables(layer)
-            continue
-        inner = costs.inner_layer(layer)
+    for inner in _inner_layers(model):
         if isinstance(inner, keras.layers.BatchNormalization):
             if inner.center and inner.beta is not None:
                 variables.append(inner.beta)

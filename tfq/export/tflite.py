@@ -168,11 +168,11 @@ def refine_codes(folded, k):
     folded.step = np.asarray(folded.step, np.float64) / k
 
 
-def export_weights(view, name, batch_norm, int4_weights=False):
+def export_weights(layer, batch_norm, s_in, int4_weights=False):
     """``(folded, int4, note)``: the layer's BatchNorm-folded codes as the integer model stores them
-    (``refine_codes`` into the INT4 or int8 range, int32-safe bias), whether they are stored as
-    INT4, and a report note. ``snap_biases`` and the export both use this, so they agree."""
-    layer = view.layers[name]
+    (``refine_codes`` into the INT4 or int8 range, int32-safe bias for input step ``s_in``), whether
+    they are stored as INT4, and a report note. ``snap_biases`` and the export both use this, so
+    they agree."""
     folded = fold_weights(layer, batch_norm)
     note = ""
     int4 = int4_weights and folded.bits <= 4
@@ -194,7 +194,7 @@ def export_weights(view, name, batch_norm, int4_weights=False):
     refine_codes(folded, k)
     if np.max(k) > 1:
         note += f", codes x{int(np.min(k))}..{int(np.max(k))} (finer int32 bias grid)"
-    note += _keep_bias_in_int32(folded, input_step(view, name))
+    note += _keep_bias_in_int32(folded, s_in)
     return folded, int4, note
 
 
@@ -476,7 +476,7 @@ def build_inference_model(model, int4_weights=False, exact_hard_swish=False):
                 if plan is not None:
                     raise ExportError(f"{name}: output quantized before its BatchNormalization {bn.name}")
                 folded_bn[bn.name] = name
-            folded, int4, weights_note = export_weights(view, name, bn, int4_weights)
+            folded, int4, weights_note = export_weights(layer, bn, input_step(view, name), int4_weights)
             note = ("BatchNorm " + bn.name + " folded" if bn is not None else "no BatchNorm") + weights_note
             replacements[name] = ExportWeighted(name, kind, inner.get_config(), folded, plan, int4=int4)
             report.append(ExportEntry(name, kind, "weights", folded.bits, note))
@@ -547,6 +547,11 @@ def _activation_entry(name, grid, layer):
     return ExportEntry(name, "activation", type(grid).__name__, getattr(grid, "bits", None), note)
 
 
+#: a bias within this many accumulator steps of the int32 grid counts as on it: float32 storage
+#: leaves ~1e-7 relative residue, and refined codes make the grid up to 126x finer than the weights'
+ON_GRID_TOLERANCE = 1e-2
+
+
 def snap_biases(model, int4_weights=False):
     """Move every weighted layer's (BatchNorm-folded) bias onto its int32 accumulator grid, in place.
 
@@ -569,13 +574,14 @@ def snap_biases(model, int4_weights=False):
         if type(inner).__name__ not in WEIGHTED or layer is inner:
             continue
         bn = _foldable_bn(view, name)
-        folded = export_weights(view, name, bn, int4_weights)[0]
         s_in = input_step(view, name)
+        folded = export_weights(layer, bn, s_in, int4_weights)[0]
         if s_in is None:
             rows.append({"layer": name, "changed": False, "note": "float input: no integer bias"})
             continue
         accumulator_step = s_in * folded.step
         delta = np.round(folded.bias / accumulator_step) * accumulator_step - folded.bias
+        changed = bool(np.any(np.abs(delta) > ON_GRID_TOLERANCE * accumulator_step))
         target = costs.inner_layer(bn) if bn is not None else inner
         if bn is not None and getattr(target, "center", True) and target.beta is not None:
             target.beta.assign((target.beta.numpy() + delta).astype(np.float32))
@@ -583,13 +589,12 @@ def snap_biases(model, int4_weights=False):
             factor = fold.batch_norm_factors(target)[0] if bn is not None else np.ones_like(delta)
             safe = np.where(factor == 0, 1.0, factor)
             inner.bias.assign((inner.bias.numpy() + np.where(factor == 0, 0.0, delta / safe)).astype(np.float32))
-        elif np.any(np.abs(delta) > 1e-2 * accumulator_step):
+        elif changed:
             raise ExportError(f"{name}: its bias (from {bn.name if bn is not None else name}) has no variable "
                               "to snap onto the int32 grid (BatchNorm center=False and use_bias=False)")
         plan, grid = _output_plan(bn if bn is not None else layer)
         out_step = tensor_step(grid) if grid is not None else None
-        # float32 storage leaves ~1e-7 relative residue: "changed" means moved by > 1e-2 steps (a refined int8 grid is up to 127x finer than the weights)
-        rows.append({"layer": name, "changed": bool(np.any(np.abs(delta) > 1e-2 * accumulator_step)),
+        rows.append({"layer": name, "changed": changed,
                      "max_accumulator_steps": float(np.max(np.abs(delta) / accumulator_step)),
                      "max_output_steps": (float(np.max(np.abs(delta))) / out_step if out_step else None),
                      "note": f"BatchNorm {bn.name} beta" if bn is not None else "bias"})
