@@ -154,6 +154,34 @@ def test_level_gradients_are_eq8_and_the_correction_leaves_dx_alone(correction):
     np.testing.assert_allclose(dx.numpy(), upstream * inside, rtol=1e-6)
 
 
+def test_level_gradients_are_the_same_bits_on_every_call():
+    """The per-level sums of eq. 8 are int64 fixed point: ``tf.math.bincount``'s float sums changed
+    from call to call on a multi-threaded CPU (7 distinct results in 30 calls on 2M values), which
+    made DDQ runs irreproducible (this test fails with it). Repeated gradients are now bit-identical and equal a float64 sum."""
+    rng = np.random.default_rng(5)
+    codes = (np.arange(-8, 8) * 9.0 + 3.0).astype(np.float32)[None]   # 16 levels, [1, 16]
+    scale = np.float32(0.01)
+    x = tf.constant(rng.normal(scale=0.4, size=(1, 2_000_000)).astype(np.float32))
+    upstream = tf.constant(rng.normal(size=(1, 2_000_000)).astype(np.float32))
+    codes_t = tf.constant(codes)
+
+    @tf.function
+    def level_gradient():
+        with tf.GradientTape() as tape:
+            tape.watch(codes_t)
+            y = ddq.codebook_quantize(x, codes_t, tf.constant([[scale]]), correction=0.3)
+            loss = tf.reduce_sum(y * upstream)
+        return tape.gradient(loss, codes_t)
+
+    results = [level_gradient().numpy() for _ in range(20)]
+    assert len({r.tobytes() for r in results}) == 1
+    xs, levels = x.numpy()[0].astype(np.float64), codes[0].astype(np.float64) * float(scale)
+    nearest = np.argmin(np.abs(xs[:, None] - levels[None, :]), axis=1)
+    corrected = upstream.numpy()[0].astype(np.float64) + 0.3 * (levels[nearest] - xs)
+    expected = np.bincount(nearest, weights=corrected, minlength=16) * float(scale)
+    np.testing.assert_allclose(results[0][0], expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+
 def test_gate_gradient_is_the_relaxed_block_mean_derivative():
     q = ddq.weight_quantizer(max_bits=2, min_bits=1)
     weights = build(q, (4,))

@@ -35,6 +35,8 @@ Keras loss with it for ``model.compile``; ``tfq.callbacks.DDQGateSchedule`` driv
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
@@ -100,12 +102,33 @@ def block_means(levels, gates):
     return tf.reshape(x, shape)
 
 
+#: bits of an int64 left for the sum of fixed-point terms (one bit stays free for the sign)
+_FIXED_POINT_BITS = 62
+
+
 def _per_row_sum(values, index, rows, width):
-    """``out[r, k] = sum of values[r, j] where index[r, j] == k`` (``[rows, width]``)."""
+    """``out[r, k] = sum of values[r, j] where index[r, j] == k`` (``[rows, width]``), the same
+    bits on every call.
+
+    ``tf.math.bincount`` with float weights sums in an order that varies from call to call on a
+    multi-threaded CPU (partial sums per worker; op determinism does not change it), which made
+    DDQ training irreproducible. The terms are therefore summed as int64 fixed-point numbers
+    (integer addition does not depend on the order): each is rounded to a multiple of
+    ``2^-e``, with ``e`` chosen so that ``count * max|values| * 2^e`` fits 62 bits. A term moves by
+    at most ``2^-e / 2 <= 2 * count * max|values| * 2^-62`` (``count``: number of values), about
+    ``2^-40 max|values|`` for a million values, below float32's rounding of the terms themselves.
+    """
+    values = tf.reshape(values, [-1])
     flat = tf.reshape(index + tf.range(rows)[:, None] * width, [-1])
-    sums = tf.math.bincount(flat, weights=tf.reshape(values, [-1]), minlength=rows * width,
-                            maxlength=rows * width, dtype=values.dtype)
-    return tf.reshape(sums, [rows, width])
+    peak = tf.reduce_max(tf.abs(values))
+    count_bits = tf.math.ceil(tf.math.log(tf.cast(tf.size(values), tf.float32) + 1.0) / math.log(2.0))
+    peak_bits = tf.math.ceil(tf.math.log(tf.maximum(peak, 1e-30)) / math.log(2.0))
+    exponent = tf.clip_by_value(_FIXED_POINT_BITS - count_bits - peak_bits, -100.0, 100.0)
+    scale = tf.pow(2.0, exponent)
+    fixed = tf.cast(tf.round(values * scale), tf.int64)
+    sums = tf.math.bincount(flat, weights=fixed, minlength=rows * width, maxlength=rows * width,
+                            dtype=tf.int64)
+    return tf.reshape(tf.cast(sums, values.dtype) / scale, [rows, width])
 
 
 def codebook_quantize(x, codes, scale, zero=0.0, correction=0.0, input_codes=None):
