@@ -337,7 +337,7 @@ def test_pwlq_with_integer_tail_ratio_exports_exactly(fashion):
 def test_pwlq_per_group_scales_are_a_clear_error(fashion):
     model = _float_model("small_cnn", fashion)
     q = tfq.ptq.pwlq(model, fashion[0][:256], weight_bits=4, breakpoint="search", granularity="group",
-                     integer_tail_ratio=True)
+                     integer_tail_ratio=True, group_size=4)  # the default (256) is one group per layer here
     with pytest.raises(tfl.ExportError, match="granularity='group'"):
         tfl.to_tflite(q)
 

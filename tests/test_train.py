@@ -40,6 +40,26 @@ def test_cli_rejects_unknown_command():
     assert out.returncode != 0 and "COMMAND is one of train" in (out.stdout + out.stderr)
 
 
+def test_cli_prints_export_errors_without_a_traceback(monkeypatch, capsys):
+    """An ExportError (it names the layer and the ways out) is the CLI's message and exit code 1."""
+    from tfq import cli
+    from tfq.export import runs, tflite
+
+    def refuse(*args, **kwargs):
+        raise tflite.ExportError("quant_conv: its PWLQ kernel is a sum of 2 integer parts")
+
+    monkeypatch.setattr(runs, "export_run", refuse)
+    cli.FLAGS(["tfq"])  # default flag values, as app.run would parse them
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["tfq", "export", "some_run_dir"])
+    finally:
+        cli.FLAGS.unparse_flags()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "tfq export: error: quant_conv: its PWLQ kernel is a sum of 2 integer parts"
+
+
 @pytest.mark.parametrize("method, callback", [("adaqat", "AdaQAT"), ("ddq", "DDQGateSchedule")])
 def test_run_attaches_the_method_callback(tmp_path, method, callback):
     """train.run trains AdaQAT with its bit-width callback and mixed DDQ with its gate schedule,

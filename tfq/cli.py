@@ -2,7 +2,7 @@
 
     tfq train  --dataset=fashion_mnist --model=mobile_swish --method=lsq+ \\
                --weight_bits=4 --activation_bits=4 --run_dir=runs/demo
-    tfq export RUN_DIR --format=tflite|integer [--int4_weights] [--exact_hard_swish]
+    tfq export RUN_DIR --format=tflite|integer [--int4_weights] [--exact_hard_swish] [--approximate_piecewise]
     tfq ptq    RUN_DIR_OR_MODEL --weight_bits=4 [--breakpoint=search --granularity=group ...]
     tfq bench  MODEL.tflite [MODEL2.tflite ...] --target=host|aarch64|android [--threads=1]
     tfq report RUN_DIR [--report_examples=256]
@@ -49,6 +49,9 @@ flags.DEFINE_bool("int4_weights", False, "also write a TFLite model storing <= 4
 flags.DEFINE_bool("exact_hard_swish", False, "export: hard-swish layers as exact int8 tables of the trained forward "
                   "(Keras-TFLite parity; larger and slower than TFLite's HARD_SWISH op, which rounds 1-2 of the "
                   "256 codes differently)")
+flags.DEFINE_bool("approximate_piecewise", False, "export: re-quantize PWLQ kernels that are a sum of several "
+                  "integer parts to plain per-channel int8 in the TFLite file (not exact; the IntegerGraph stays "
+                  "exact)")
 flags.DEFINE_bool("evaluate", True, "export: evaluate Keras, TFLite and IntegerGraph on the test set")
 flags.DEFINE_integer("integer_limit", None, "export: IntegerGraph accuracy on the first N test examples")
 # ptq
@@ -108,7 +111,8 @@ def _export(args):
     from tfq.export import runs
     run_dir = _one_path("export", args, "RUN_DIR")
     runs.export_run(run_dir, FLAGS.format, FLAGS.int4_weights, evaluate=FLAGS.evaluate,
-                    integer_limit=FLAGS.integer_limit, exact_hard_swish=FLAGS.exact_hard_swish)
+                    integer_limit=FLAGS.integer_limit, exact_hard_swish=FLAGS.exact_hard_swish,
+                    approximate_piecewise=FLAGS.approximate_piecewise)
 
 
 def _ptq(args):
@@ -171,10 +175,23 @@ def _one_path(command, args, what):
     return args[0]
 
 
+def _user_errors():
+    """Errors that describe the user's model or files (each names the layer or argument): the CLI
+    prints their message instead of a traceback."""
+    from tfq.export.integer import IntegerGraphError
+    from tfq.export.tflite import ExportError
+    return ExportError, IntegerGraphError
+
+
 def main(argv):
     if len(argv) < 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: tfq COMMAND [--flags]; COMMAND is one of {', '.join(COMMANDS)}")
-    {"train": _train, "export": _export, "ptq": _ptq, "bench": _bench, "report": _report}[argv[1]](argv[2:])
+    command = {"train": _train, "export": _export, "ptq": _ptq, "bench": _bench, "report": _report}[argv[1]]
+    try:
+        command(argv[2:])
+    except _user_errors() as err:
+        print(f"tfq {argv[1]}: error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def run():

@@ -48,6 +48,26 @@ File format (``save(path)`` / ``IntegerGraph.load(path)``)
   written as JSON doubles, which round-trips exactly.
 * ``path.npz``: one array per constant tensor, named ``t<id>`` (dtype preserved).
 
+Kernel parts (an IntegerGraph extension, not a TFLite op)
+--------------------------------------------------------
+A CONV_2D, DEPTHWISE_CONV_2D or FULLY_CONNECTED op may carry ``params["parts"]``: a list of tensor
+ids of extra int8 weight constants shaped like its weight input, each with its own scale per output
+channel (zero point 0).  The real kernel is ``sum_j s_j[c] * Q_j`` (``Q_0`` = the weight input).
+PWLQ layers whose pieces are not one int8 grid export this way (``tfq.export.to_integer_graph``):
+TFLite cannot, because each of its convolutions requantizes to int8, so summing the parts' outputs
+would round twice.  Each part's accumulator ``acc_j = sum Q_j (x - z_in)`` is computed exactly as the
+plain kernels do; then, per output channel ``c``, in int64::
+
+    total = sum_j acc_j * m_j + bias * m_b,    m_j = round(s_in s_j / s_out * 2^e),  m_b = round(s_b / s_out * 2^e)
+    out   = clamp(round_half_away(total / 2^e) + z_out, fused activation range)
+
+one rounding in all, ``e <= 62`` the largest exponent for which ``total`` provably fits int64 (bounds
+from the constant codes, ``_parts_multipliers``).  The bias is an int32 constant with its *own*
+scale ``s_b`` (its TensorSpec; ``set_kernel_parts`` uses ``s_out * 2**-16``, so it holds the float
+bias to 2**-17 output steps), not TFLite's ``s_in * s_w``.  ``save``/``load`` keep the parts (ids in
+the JSON params, data in the NPZ); ops without ``parts`` are unchanged.  ``set_kernel_parts`` builds
+such an op; ``parts_ops`` lists them.  Such a graph no longer equals the TFLite file it came from.
+
 Running
 -------
 ``graph.run(x)`` takes the model input exactly as the TFLite input tensor (an ``np.int8`` array, or
@@ -570,6 +590,8 @@ class IntegerGraph:
             for t in op["inputs"] + op["outputs"]:
                 if t >= 0 and t not in self.tensors:
                     raise IntegerGraphError(f"op #{idx} {name} refers to unknown tensor {t}")
+            if op["params"].get("parts"):
+                self._validate_parts(idx, op)
             rule = _INT8_OPERANDS.get(name)
             if rule is None:
                 continue
@@ -594,6 +616,87 @@ class IntegerGraph:
                         raise IntegerGraphError(
                             f"op #{idx} {name}: {kind} {p} (tensor {t} '{spec.name}') has no "
                             "quantization parameters")
+
+    def _validate_parts(self, idx, op):
+        """A kernel-parts op (module docstring): CONV_2D/DEPTHWISE_CONV_2D/FULLY_CONNECTED whose extra
+        parts are int8 constants shaped like its weights, zero point 0, one scale or one per output
+        channel; its bias (if any) an int32 constant with its own scale."""
+        name = op["op"]
+        where = f"op #{idx} {name}"
+        if name not in PARTS_OPS:
+            raise IntegerGraphError(f"{where}: params['parts'] is only defined for {', '.join(PARTS_OPS)}")
+        ids = [op["inputs"][1]] + [int(t) for t in op["params"]["parts"]]
+        shape = None
+        for t in ids:
+            if t not in self.constants or t not in self.tensors:
+                raise IntegerGraphError(f"{where}: kernel part tensor {t} is not a constant of the graph")
+            spec, value = self.tensors[t], self.constants[t]
+            n_out = value.shape[_output_channel_axis(name)]
+            shape = shape or value.shape
+            if value.dtype != np.int8 or value.shape != shape:
+                raise IntegerGraphError(f"{where}: kernel part tensor {t} must be int8 with the weights' shape "
+                                        f"{list(shape)}, got {value.dtype} {list(value.shape)}")
+            if spec.scale.size not in (1, n_out) or np.any(spec.zero_point != 0) or np.any(spec.scale <= 0):
+                raise IntegerGraphError(f"{where}: kernel part tensor {t} needs one positive scale or one per "
+                                        f"output channel ({n_out}) and zero point 0")
+        b_id = op["inputs"][2] if len(op["inputs"]) > 2 else -1
+        if b_id >= 0 and (b_id not in self.constants or not self.tensors[b_id].quantized
+                          or self.constants[b_id].dtype != np.int32):
+            raise IntegerGraphError(f"{where}: the bias of a kernel-parts op must be an int32 constant with "
+                                    "its own scale")
+
+    def set_kernel_parts(self, op_index: int, parts, bias, name: Optional[str] = None):
+        """Make op ``op_index`` a kernel-parts op (module docstring, "Kernel parts").
+
+        ``parts``: ``[(codes, scales)]``, ``codes`` integer arrays in the op's weight layout with
+        ``|codes| <= 127``, ``scales`` the real step of each output channel; the real kernel is
+        ``sum_j scales_j[c] * codes_j``. ``bias``: the real (float) bias per output channel, stored as
+        int32 at ``s_out * 2**-PARTS_BIAS_FRACTION_BITS``. New tensors replace the op's weights and
+        bias; tensors no other op uses are dropped. Returns the new tensor ids (parts, then bias).
+        """
+        op = self.ops[op_index]
+        if op["op"] not in PARTS_OPS:
+            raise IntegerGraphError(f"op #{op_index} {op['op']}: kernel parts need one of {', '.join(PARTS_OPS)}")
+        old = [t for t in op["inputs"][1:3] if t >= 0]
+        axis = _output_channel_axis(op["op"])
+        tout = self.tensors[op["outputs"][0]]
+        label = name or tout.name
+        next_id = max(list(self.tensors) + list(self.constants) + [-1]) + 1
+        ids = []
+        for j, (codes, scales) in enumerate(parts):
+            codes = np.asarray(codes)
+            if np.any(np.abs(codes) > 127) or np.any(codes != np.round(codes)):
+                raise IntegerGraphError(f"{label}: kernel part {j} holds codes outside the int8 range [-127, 127]")
+            scales = np.asarray(scales, np.float64).reshape(-1)
+            self.tensors[next_id] = TensorSpec(f"{label}/kernel_part{j}", list(codes.shape), "int8",
+                                               scales.astype(np.float32), np.zeros(scales.size, np.int64), axis)
+            self.constants[next_id] = codes.astype(np.int8)
+            ids.append(next_id)
+            next_id += 1
+        bias = np.asarray(bias, np.float64).reshape(-1)
+        s_out = float(np.float32(tout.s))
+        bits = np.full(bias.shape, PARTS_BIAS_FRACTION_BITS, np.int64)
+        magnitude = np.abs(bias) / s_out
+        while np.any(magnitude * np.exp2(bits) >= 2.0 ** 30):
+            bits = np.where(magnitude * np.exp2(bits) >= 2.0 ** 30, bits - 1, bits)
+        bias_scale = (np.float32(s_out) * np.exp2(-bits)).astype(np.float32)
+        self.tensors[next_id] = TensorSpec(f"{label}/bias_parts", [bias.size], "int32", bias_scale,
+                                           np.zeros(bias.size, np.int64), 0)
+        self.constants[next_id] = _round_half_away(bias / bias_scale.astype(np.float64)).astype(np.int32)
+        op["inputs"] = [op["inputs"][0], ids[0], next_id] + op["inputs"][3:]
+        op["params"]["parts"] = ids[1:]
+        still_used = {t for o in self.ops for t in o["inputs"] + o["outputs"]} | set(self.inputs) | set(self.outputs)
+        for t in old:
+            if t not in still_used:
+                self.tensors.pop(t, None)
+                self.constants.pop(t, None)
+        self._cache.pop(op_index, None)
+        self.validate()
+        return ids + [next_id]
+
+    def parts_ops(self) -> List[int]:
+        """Indices of the kernel-parts ops (they differ from TFLite's kernels by design)."""
+        return [i for i, op in enumerate(self.ops) if op["params"].get("parts")]
 
     # ---- execution ----------------------------------------------------------------------------
 
@@ -851,17 +954,24 @@ def _k_conv2d(graph, idx, op, args):
     groups = cin // cin_f
     sh, sw, dh, dw, oh, ow, (pt, pb), (pl, pr) = _conv_geometry(x.shape, kh, kw, op["params"])
     xp = np.pad(x.astype(np.float64) - tin.z, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    wf = w.astype(np.float64)
-    acc = np.zeros((n, oh, ow, cout), np.float64)
     per_group = cout // groups
-    for ky, kx, patch in _taps(xp, kh, kw, sh, sw, dh, dw, oh, ow):
-        if groups == 1:
-            acc += patch @ wf[:, ky, kx, :].T
-        else:
-            for g in range(groups):
-                acc[..., g * per_group:(g + 1) * per_group] += (
-                    patch[..., g * cin_f:(g + 1) * cin_f] @ wf[g * per_group:(g + 1) * per_group, ky, kx, :].T)
-    return [_conv_output(graph, idx, op, acc, b, cout, tout)]
+
+    def accumulate(weights):
+        wf = weights.astype(np.float64)
+        acc = np.zeros((n, oh, ow, cout), np.float64)
+        for ky, kx, patch in _taps(xp, kh, kw, sh, sw, dh, dw, oh, ow):
+            if groups == 1:
+                acc += patch @ wf[:, ky, kx, :].T
+            else:
+                for g in range(groups):
+                    acc[..., g * per_group:(g + 1) * per_group] += (
+                        patch[..., g * cin_f:(g + 1) * cin_f] @ wf[g * per_group:(g + 1) * per_group, ky, kx, :].T)
+        return acc
+
+    if op["params"].get("parts"):
+        return [_parts_output(graph, idx, op, [accumulate(w)] + [accumulate(graph.constants[t])
+                                                                  for t in op["params"]["parts"]], b, tout)]
+    return [_conv_output(graph, idx, op, accumulate(w), b, cout, tout)]
 
 
 def _conv_output(graph, idx, op, acc, bias, cout, tout):
@@ -871,6 +981,82 @@ def _conv_output(graph, idx, op, acc, bias, cout, tout):
         acc = acc + _i64(bias)
     mult, shift, (lo, hi) = _conv_multipliers(graph, idx, op, cout)
     return _output_stage(acc, mult, shift, tout.z, lo, hi)
+
+
+#: fraction bits of the int32 bias of a kernel-parts op: stored at ``s_out * 2**-16`` per channel
+#: (fewer where ``|bias| / s_out`` would reach ``2**30``)
+PARTS_BIAS_FRACTION_BITS = 16
+_INT64_BUDGET = float(2 ** 62)  # |sum_j acc_j m_j + bias m_b| stays below this (int64 with 2x margin)
+
+
+PARTS_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+
+
+def _output_channel_axis(op_name):
+    return 3 if op_name == "DEPTHWISE_CONV_2D" else 0
+
+
+def _part_scales(spec: TensorSpec, n_out):
+    scale = spec.scale.astype(np.float64)
+    return np.repeat(scale[:1], n_out) if scale.size == 1 else scale
+
+
+def _parts_multipliers(graph, idx, op):
+    """Integer multipliers of a kernel-parts op (module docstring, "Kernel parts"), per output
+    channel ``c``: ``m_j = round(M_j 2^e)`` for each part ``j`` (``M_j = s_in s_j / s_out``) and
+    ``m_b = round(s_b 2^e / s_out)`` for the bias, with the largest exponent ``e <= 62`` for which
+    ``sum_j B_j (M_j 2^e + 1/2) + |b|(M_b 2^e + 1/2) + 2^(e-1) < 2^62``; ``B_j`` bounds
+    ``|acc_j|`` (255 times the sum of ``|Q_j|`` over the channel), so the int64 sum never overflows."""
+    cache = graph._op_cache(idx)
+    if "parts_m" in cache:
+        return cache
+    tin, tout = _ts(graph, op, 0), _ts(graph, op, 0, out=True)
+    ids = [op["inputs"][1]] + list(op["params"]["parts"])
+    axis = _output_channel_axis(op["op"])
+    weights = [graph.constants[t] for t in ids]
+    n_out = weights[0].shape[axis]
+    s_in, s_out = float(np.float32(tin.s)), float(np.float32(tout.s))
+    reals, bounds = [], []
+    for t, w in zip(ids, weights):
+        mag = np.moveaxis(np.abs(w.astype(np.float64)), axis, -1).reshape(-1, n_out)
+        bounds.append(255.0 * mag.sum(axis=0))
+        reals.append(s_in * _part_scales(graph.tensors[t], n_out) / s_out)
+    reals, bounds = np.stack(reals), np.stack(bounds)          # [parts, n_out]
+    b_id = op["inputs"][2] if len(op["inputs"]) > 2 else -1
+    if b_id >= 0:
+        bias = graph.constants[b_id].astype(np.int64).reshape(-1)
+        bias_real = _part_scales(graph.tensors[b_id], n_out) / s_out
+    else:
+        bias, bias_real = np.zeros(n_out, np.int64), np.zeros(n_out)
+    bias_bound = np.abs(bias).astype(np.float64)
+    reals = np.where(bounds > 0, reals, 0.0)                   # an all-zero part channel adds nothing
+    spread = (bounds * reals).sum(axis=0) + bias_bound * bias_real + 0.5
+    slack = 0.5 * (bounds.sum(axis=0) + bias_bound)
+    room = _INT64_BUDGET - slack
+    if np.any(room <= 0):
+        raise IntegerGraphError(f"op #{idx} {op['op']}: kernel parts too large for int64 accumulation")
+    e = np.clip(np.floor(np.log2(room / spread)), 0, 62).astype(np.int64)
+    cache["parts_m"] = np.round(reals * np.exp2(e)).astype(np.int64)
+    cache["parts_mb"] = np.round(bias_real * np.exp2(e)).astype(np.int64)
+    cache["parts_e"] = e
+    cache["act"] = _activation_range(op["params"].get("activation", "NONE"), tout.s, tout.z)
+    return cache
+
+
+def _parts_output(graph, idx, op, accs, bias, tout):
+    """Output stage of a kernel-parts op: ``total = sum_j acc_j m_j + b m_b`` in int64, one rounding
+    ``round_half_away(total / 2^e)``, then ``+ z_out``, clamp to the fused activation, int8."""
+    cache = _parts_multipliers(graph, idx, op)
+    m, mb, e = cache["parts_m"], cache["parts_mb"], cache["parts_e"]
+    total = np.zeros(np.shape(accs[0]), np.int64)
+    for j, acc in enumerate(accs):
+        total += np.asarray(acc).astype(np.int64) * m[j]
+    if bias is not None:
+        total += _i64(bias).reshape(-1) * mb
+    half = (np.int64(1) << e) >> 1
+    rounded = np.where(total >= 0, (total + half) >> e, -((half - total) >> e))
+    lo, hi = cache["act"]
+    return _to_int8(np.clip(rounded + tout.z, lo, hi))
 
 
 @_kernel("DEPTHWISE_CONV_2D")
@@ -889,11 +1075,18 @@ def _k_depthwise(graph, idx, op, args):
     xp = np.pad(x.astype(np.float64) - tin.z, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
     if mult_d > 1:
         xp = np.repeat(xp, mult_d, axis=3)
-    wf = w.astype(np.float64)
-    acc = np.zeros((n, oh, ow, cout), np.float64)
-    for ky, kx, patch in _taps(xp, kh, kw, sh, sw, dh, dw, oh, ow):
-        acc += patch * wf[0, ky, kx, :]
-    return [_conv_output(graph, idx, op, acc, b, cout, tout)]
+
+    def accumulate(weights):
+        wf = weights.astype(np.float64)
+        acc = np.zeros((n, oh, ow, cout), np.float64)
+        for ky, kx, patch in _taps(xp, kh, kw, sh, sw, dh, dw, oh, ow):
+            acc += patch * wf[0, ky, kx, :]
+        return acc
+
+    if op["params"].get("parts"):
+        return [_parts_output(graph, idx, op, [accumulate(w)] + [accumulate(graph.constants[t])
+                                                                  for t in op["params"]["parts"]], b, tout)]
+    return [_conv_output(graph, idx, op, accumulate(w), b, cout, tout)]
 
 
 @_kernel("FULLY_CONNECTED")
@@ -910,6 +1103,10 @@ def _k_fully_connected(graph, idx, op, args):
     if x.size % depth:
         raise IntegerGraphError(f"op #{idx} FULLY_CONNECTED: input size {x.size} is not a multiple of {depth}")
     x2 = x.reshape(-1, depth).astype(np.float64) - tin.z
+    if p.get("parts"):
+        accs = [x2 @ part.astype(np.float64).T for part in [w] + [graph.constants[t] for t in p["parts"]]]
+        y = _parts_output(graph, idx, op, accs, b, tout)
+        return [y.reshape(tuple(x.shape[:-1]) + (units,)) if p.get("keep_num_dims", False) else y]
     per_channel = tw.scale.size > 1
     wf = w.astype(np.float64)
     if not per_channel and tw.z != 0:

@@ -35,6 +35,7 @@ import tf_keras as keras
 from tfq import costs, graph
 from tfq.ptq import fold
 from tfq.quantizers.grid import CodebookGrid, PiecewiseGrid, ThresholdGrid, UniformGrid
+from tfq.quantizers.pwlq import ShiftedGrid, piecewise_codes
 
 WEIGHTED = ("Conv2D", "DepthwiseConv2D", "Dense")
 
@@ -46,6 +47,8 @@ class ExportError(ValueError):
 # --- weights ---------------------------------------------------------------------------------
 def weight_step(grid, layer_name):
     """Per-channel (or scalar) real step between consecutive int8 weight codes of ``grid``."""
+    if isinstance(grid, ShiftedGrid):
+        raise ExportError(_shifted_grid_message(layer_name))
     if isinstance(grid, (UniformGrid, CodebookGrid)):
         if np.any(np.asarray(grid.zero_point) != 0):
             raise ExportError(f"{layer_name}: weight grid has a non-zero zero point; TFLite int8 "
@@ -78,6 +81,148 @@ def _per_channel(step, kernel_shape, axis, n_out):
     return flat, True
 
 
+def _shifted_grid_message(layer_name):
+    return (f"{layer_name}: its weight grid carries a per-channel shift (ShiftedGrid, PWLQ "
+            "bias_correction='exact'), which needs a sum-of-inputs accumulator no exporter builds; quantize "
+            "with tfq.ptq.pwlq(..., bias_correction=True) (the shift goes into the bias)")
+
+
+# --- piecewise kernels as integer parts (PWLQ) -----------------------------------------------
+@dataclasses.dataclass
+class KernelPart:
+    """One integer part of a kernel: real values ``scale[c] * codes`` (``codes`` int64 in the layer's
+    kernel layout, ``|codes| <= 127``; ``scale`` per output channel, flattened)."""
+
+    codes: np.ndarray
+    scale: np.ndarray
+
+
+#: part j merges into part i (``s_j ~ k s_i``) when that moves no weight by more than this share of
+#: its channel's max |w| (float32 grid parameters: p = L s_c holds to ~1e-7)
+PART_MERGE_RTOL = 2.5e-7
+#: the parts must rebuild the fake-quantized kernel to this share of each channel's max |w|
+PART_RECONSTRUCTION_RTOL = 1e-6
+
+
+def _grid_values(value, axis, shape):
+    """A grid parameter given along ``axis`` broadcast to the kernel ``shape``."""
+    value = np.asarray(value, np.float64)
+    if axis is None:
+        return np.broadcast_to(value, shape)
+    axes = sorted(int(a) % len(shape) for a in ((axis,) if isinstance(axis, (int, np.integer)) else axis))
+    target = [1] * len(shape)
+    for a, n in zip(axes, value.shape):
+        target[a] = n
+    return np.broadcast_to(value.reshape(target), shape)
+
+
+def _merge_parts(candidates, peak):
+    """Merge part ``j`` into part ``i`` in every output channel where ``j`` holds codes, ``s_j = k s_i``
+    (whole ``k >= 1``) and ``Q_i + k Q_j`` stays in int8 (into an empty channel of ``i`` only when
+    ``i < j``, so equal scales do not merge back and forth); then move a part into another wherever the
+    other's channels are empty (each channel keeps its own scale); drop empty parts; split parts whose
+    codes exceed 127 (8 bits per piece) into parts of the same scale. ``k`` is whole when the merge
+    changes no value by more than ``PART_MERGE_RTOL * peak`` (``peak``: max |w| per channel)."""
+    parts = [[np.array(c, np.int64), np.array(sc, np.float64)] for c, sc in candidates]
+
+    def live(j):
+        return np.any(parts[j][0] != 0, axis=0)
+
+    for i in range(len(parts)):
+        for j in range(len(parts)):
+            c_i, s_i = parts[i]
+            c_j, s_j = parts[j]
+            both = live(j) & (live(i) | (i < j))
+            if i == j or not both.any():
+                continue
+            ratio = s_j / s_i
+            k = np.round(ratio)
+            merged = c_i + c_j * k.astype(np.int64)
+            moved = np.max(np.abs(c_j), axis=0) * np.abs(s_j - k * s_i)
+            ok = (both & (k >= 1) & (moved <= PART_MERGE_RTOL * peak)
+                  & (np.max(np.abs(merged), axis=0) <= INT8_CODE_LIMIT))
+            c_i[:, ok] = merged[:, ok]
+            c_j[:, ok] = 0
+    for i in range(len(parts)):
+        for j in range(i + 1, len(parts)):
+            move = live(j) & ~live(i)
+            parts[i][0][:, move] = parts[j][0][:, move]
+            parts[i][1][move] = parts[j][1][move]
+            parts[j][0][:, move] = 0
+    kept = [p for p in parts if np.any(p[0] != 0)] or parts[:1]
+    out = []
+    for codes, scale in kept:
+        while np.max(np.abs(codes)) > INT8_CODE_LIMIT:
+            head = np.clip(codes, -INT8_CODE_LIMIT, INT8_CODE_LIMIT)
+            out.append([head, scale])
+            codes = codes - head
+        out.append([codes, scale])
+    return out
+
+
+def piecewise_parts(grid, w_q, kind, layer_name):
+    """``(parts, groups)``: the PWLQ kernel ``w_q`` (fake-quantized, layer layout) on ``grid`` as
+    integer parts whose sum ``sum_j scale_j[c] * codes_j`` is the kernel (pwlq.txt eq. 3, the paper's
+    accumulators), and the number of input-channel groups with their own pieces.
+
+    Per group (``granularity="group"``: rows of the kernel with their own parameters; codes zero
+    outside the group) the candidate parts are the centre codes ``sign * c`` (scale ``s_c``), the
+    breakpoint term ``sign`` (scale ``p``) and the tail codes ``sign * c`` (scale ``s_t``), codes from
+    ``tfq.quantizers.pwlq.piecewise_codes``. ``_merge_parts`` then merges parts whose scales are
+    whole multiples (``p = (2^b - 1) s_c`` always merges into the centre; with
+    ``integer_tail_ratio=True`` everything does: one part, one int8 convolution). Raises
+    ``ExportError`` naming the layer if the parts do not rebuild ``w_q`` to float32 precision.
+    """
+    if isinstance(grid, ShiftedGrid):
+        raise ExportError(_shifted_grid_message(layer_name))
+    w = np.asarray(w_q, np.float64)
+    sign, codes, tail = piecewise_codes(grid, w)
+    n_out = _output_channels(kind, w.shape)
+
+    def rows(a):
+        return _to_channels_last(kind, np.asarray(a)).reshape(-1, n_out)
+
+    signed, unit, in_tail = rows(sign.astype(np.int64) * codes), rows(sign.astype(np.int64)), rows(tail)
+    params = [rows(_grid_values(getattr(grid, name), grid.axis, w.shape))
+              for name in ("centre_scale", "breakpoint", "tail_scale")]
+    _, group = np.unique(np.concatenate(params, axis=1), axis=0, return_inverse=True)
+    group = np.asarray(group).reshape(-1)
+    candidates = []
+    for g in range(int(group.max()) + 1):
+        member = (group == g)[:, None]
+        first = int(np.argmax(group == g))
+        s_c, p, s_t = (param[first] for param in params)
+        candidates += [(np.where(member & ~in_tail, signed, 0), s_c), (np.where(member & in_tail, unit, 0), p),
+                       (np.where(member & in_tail, signed, 0), s_t)]
+    target = rows(w)
+    merged = _merge_parts(candidates, np.max(np.abs(target), axis=0))
+    rebuilt = sum(codes * scale for codes, scale in merged)
+    error = np.abs(rebuilt - target)
+    tolerance = PART_RECONSTRUCTION_RTOL * np.max(np.abs(target), axis=0)
+    if np.any(error > tolerance):
+        worst = float(np.max(error / np.maximum(np.max(np.abs(target), axis=0), 1e-30)))
+        raise ExportError(f"{layer_name}: the integer parts of its piecewise kernel do not rebuild the "
+                          f"fake-quantized kernel (largest error {worst:.3g} of a channel's max |w|); the "
+                          "kernel is not on its PiecewiseGrid")
+    parts = [KernelPart(codes.reshape(w.shape), scale) for codes, scale in merged]
+    return parts, int(group.max()) + 1
+
+
+def _split_message(layer_name, n_parts, groups):
+    why = []
+    if groups > 1:
+        why.append(f"{groups} input-channel groups with their own scales (granularity='group'); an int8 "
+                   "TFLite convolution has one scale per output channel")
+    why.append("tail scale not a whole multiple of the centre scale, or codes beyond int8" if groups == 1 else
+               "each group's pieces")
+    return (f"{layer_name}: its PWLQ kernel is a sum of {n_parts} integer parts ({'; '.join(why)}). TFLite "
+            "would requantize each part's convolution to int8 before the sum (two roundings), so no TFLite "
+            "graph holds it exactly. Ways out: quantize with tfq.ptq.pwlq(..., integer_tail_ratio=True, "
+            "granularity='channel') for one int8 convolution; tfq.export.to_integer_graph(model) for an exact "
+            "integer graph (int32 accumulators of the parts, one rounding); or to_tflite(..., "
+            "approximate_piecewise=True) to re-quantize the kernel to plain per-channel int8 (not exact)")
+
+
 @dataclasses.dataclass
 class FoldedWeights:
     """Integer kernel codes (int8 values, layer's kernel layout) and their float factors."""
@@ -88,6 +233,7 @@ class FoldedWeights:
     bias: np.ndarray          # float, per output channel
     bits: int
     kind: str
+    note: str = ""            # e.g. the approximation of a split piecewise kernel
 
 
 def _output_channels(kind, kernel_shape):
@@ -104,27 +250,69 @@ def _to_channels_last(kind, array):
     return array
 
 
-def fold_weights(wrapper, batch_norm=None) -> FoldedWeights:
-    """Codes of ``wrapper``'s fake-quantized kernel with ``batch_norm`` (a BN layer or None) folded."""
-    name = wrapper.name
+def _quantized_kernel(wrapper):
+    """``(inner layer, kind, grid, fake-quantized kernel as float64)`` of a weighted wrapper."""
     inner = costs.inner_layer(wrapper)
     kind = type(inner).__name__
     pairs = costs.weight_quantizers(wrapper)
     if not pairs:
-        raise ExportError(f"{name}: {kind} has no weight quantizer; every weighted layer must be "
+        raise ExportError(f"{wrapper.name}: {kind} has no weight quantizer; every weighted layer must be "
                           "quantized to export an integer model")
     kernel_var, quantizer, qvars = pairs[0]
     grid = quantizer.integer_grid(qvars)
     w_q = np.asarray(quantizer(kernel_var, training=False, weights=qvars), np.float64)
-    n_out = _output_channels(kind, w_q.shape)
-    step, per_channel = _per_channel(weight_step(grid, name), w_q.shape, getattr(grid, "axis", None), n_out)
-    w_last = _to_channels_last(kind, w_q)
-    codes = np.round(w_last / step)
-    if not np.allclose(codes * step, w_last, rtol=1e-4, atol=1e-6 * float(np.max(step))):
-        raise ExportError(f"{name}: fake-quantized kernel is not on its declared grid (max error "
-                          f"{np.max(np.abs(codes * step - w_last)) / np.max(step):.3g} steps)")
-    bias = (np.asarray(inner.bias.numpy(), np.float64) if getattr(inner, "use_bias", False) and inner.bias is not None
+    return inner, kind, grid, w_q
+
+
+def _layer_bias(inner, n_out):
+    return (np.asarray(inner.bias.numpy(), np.float64) if getattr(inner, "use_bias", False) and inner.bias is not None
             else np.zeros(n_out))
+
+
+def _approximate_piecewise(grid, w_q, kind, n_parts):
+    """Plain per-channel int8 codes of a split piecewise kernel (step ``max|w|/127`` per output
+    channel), the step, and a report note with the largest weight change in centre steps."""
+    w_last = _to_channels_last(kind, w_q)
+    n_out = w_last.shape[-1]
+    peak = np.max(np.abs(w_last.reshape(-1, n_out)), axis=0)
+    step = np.where(peak > 0, peak / INT8_CODE_LIMIT, 1.0)
+    codes = np.round(w_last / step)
+    centre = _to_channels_last(kind, _grid_values(grid.centre_scale, grid.axis, w_q.shape))
+    change = float(np.max(np.abs(codes * step - w_last) / centre))
+    note = (f", APPROXIMATE: piecewise kernel ({n_parts} integer parts) re-quantized to plain per-channel "
+            f"int8 (approximate_piecewise=True), largest weight change {change:.3g} centre steps; "
+            "to_integer_graph is exact")
+    return codes, step, note
+
+
+def fold_weights(wrapper, batch_norm=None, approximate_piecewise=False) -> FoldedWeights:
+    """Codes of ``wrapper``'s fake-quantized kernel with ``batch_norm`` (a BN layer or None) folded.
+
+    A piecewise (PWLQ) kernel that is one int8 grid (``piecewise_parts`` merges into one part) keeps
+    its codes; one that needs several parts raises ``ExportError`` (``_split_message``), or with
+    ``approximate_piecewise=True`` is re-quantized to plain per-channel int8 (``note`` says so)."""
+    name = wrapper.name
+    inner, kind, grid, w_q = _quantized_kernel(wrapper)
+    n_out = _output_channels(kind, w_q.shape)
+    note = ""
+    if isinstance(grid, (PiecewiseGrid, ShiftedGrid)):
+        parts, groups = piecewise_parts(grid, w_q, kind, name)
+        if len(parts) == 1:
+            codes, step = _to_channels_last(kind, parts[0].codes).astype(np.float64), parts[0].scale
+            per_channel = grid.axis is not None
+        elif approximate_piecewise:
+            codes, step, note = _approximate_piecewise(grid, w_q, kind, len(parts))
+            per_channel = True
+        else:
+            raise ExportError(_split_message(name, len(parts), groups))
+    else:
+        step, per_channel = _per_channel(weight_step(grid, name), w_q.shape, getattr(grid, "axis", None), n_out)
+        w_last = _to_channels_last(kind, w_q)
+        codes = np.round(w_last / step)
+        if not np.allclose(codes * step, w_last, rtol=1e-4, atol=1e-6 * float(np.max(step))):
+            raise ExportError(f"{name}: fake-quantized kernel is not on its declared grid (max error "
+                              f"{np.max(np.abs(codes * step - w_last)) / np.max(step):.3g} steps)")
+    bias = _layer_bias(inner, n_out)
     if batch_norm is not None:
         factor, shift = fold.batch_norm_factors(costs.inner_layer(batch_norm))
         bias = bias * factor + shift
@@ -136,7 +324,39 @@ def fold_weights(wrapper, batch_norm=None) -> FoldedWeights:
         raise ExportError(f"{name}: weight code {int(np.max(np.abs(codes)))} does not fit TFLite's "
                           "symmetric int8 weights [-127, 127] (8-bit weights need narrow_range=True)")
     codes = codes.reshape(w_q.shape)
-    return FoldedWeights(codes.astype(np.int64), step, per_channel, bias, int(getattr(grid, "bits", 8)), kind)
+    return FoldedWeights(codes.astype(np.int64), step, per_channel, bias, int(getattr(grid, "bits", 8)), kind,
+                         note)
+
+
+@dataclasses.dataclass
+class SplitWeights:
+    """A weighted layer whose (BatchNorm-folded) kernel is a sum of integer parts."""
+
+    parts: List[KernelPart]   # scales per output channel, BatchNorm folded
+    bias: np.ndarray          # float, per output channel, BatchNorm folded
+    kind: str
+    groups: int
+
+
+def split_weights(wrapper, batch_norm=None) -> Optional[SplitWeights]:
+    """The integer parts of ``wrapper``'s piecewise kernel with ``batch_norm`` folded (per channel:
+    codes negated where gamma < 0, scales times ``|factor|``), or None when the layer is one int8
+    convolution (not piecewise, or its parts merge into one)."""
+    inner, kind, grid, w_q = _quantized_kernel(wrapper)
+    if not isinstance(grid, (PiecewiseGrid, ShiftedGrid)):
+        return None
+    parts, groups = piecewise_parts(grid, w_q, kind, wrapper.name)
+    if len(parts) == 1:
+        return None
+    bias = _layer_bias(inner, _output_channels(kind, w_q.shape))
+    if batch_norm is not None:
+        factor, shift = fold.batch_norm_factors(costs.inner_layer(batch_norm))
+        bias = bias * factor + shift
+        sign = np.sign(np.where(factor == 0, 1.0, factor)).astype(np.int64)
+        parts = [KernelPart((_to_channels_last(kind, p.codes) * sign).reshape(p.codes.shape),
+                            np.where(p.scale * np.abs(factor) == 0, 1e-12, p.scale * np.abs(factor)))
+                 for p in parts]
+    return SplitWeights(parts, bias, kind, groups)
 
 
 INT8_CODE_LIMIT = 127  # TFLite's symmetric int8 weights
@@ -168,13 +388,13 @@ def refine_codes(folded, k):
     folded.step = np.asarray(folded.step, np.float64) / k
 
 
-def export_weights(layer, batch_norm, s_in, int4_weights=False):
+def export_weights(layer, batch_norm, s_in, int4_weights=False, approximate_piecewise=False):
     """``(folded, int4, note)``: the layer's BatchNorm-folded codes as the integer model stores them
     (``refine_codes`` into the INT4 or int8 range, int32-safe bias for input step ``s_in``), whether
     they are stored as INT4, and a report note. ``snap_biases`` and the export both use this, so
-    they agree."""
-    folded = fold_weights(layer, batch_norm)
-    note = ""
+    they agree. ``approximate_piecewise``: see ``fold_weights``."""
+    folded = fold_weights(layer, batch_norm, approximate_piecewise)
+    note = folded.note
     int4 = int4_weights and folded.bits <= 4
     if int4 and np.max(np.abs(folded.codes)) > INT4_CODE_LIMIT:
         # code -8 negated by a negative BatchNorm gamma: INT4 storage is symmetric [-7, 7]
@@ -460,10 +680,11 @@ def _is_hard_swish(layer):
     return type(layer).__name__ == "Activation" and graph.activation_name(layer).split(">")[-1] == "hard_swish"
 
 
-def build_inference_model(model, int4_weights=False, exact_hard_swish=False):
+def build_inference_model(model, int4_weights=False, exact_hard_swish=False, approximate_piecewise=False):
     """(float Keras model with FakeQuant ops, report rows). See the module docstring.
     ``exact_hard_swish``: hard-swish layers become exact int8 tables (``hard_swish_table_plan``)
-    instead of TFLite's HARD_SWISH op."""
+    instead of TFLite's HARD_SWISH op. ``approximate_piecewise``: PWLQ kernels that need several
+    integer parts are re-quantized to plain per-channel int8 (``fold_weights``) instead of raising."""
     view = graph.GraphView(model)
     folded_bn, report, replacements = {}, [], {}
     for name, layer in view.layers.items():
@@ -476,7 +697,8 @@ def build_inference_model(model, int4_weights=False, exact_hard_swish=False):
                 if plan is not None:
                     raise ExportError(f"{name}: output quantized before its BatchNormalization {bn.name}")
                 folded_bn[bn.name] = name
-            folded, int4, weights_note = export_weights(layer, bn, input_step(view, name), int4_weights)
+            folded, int4, weights_note = export_weights(layer, bn, input_step(view, name), int4_weights,
+                                                        approximate_piecewise)
             note = ("BatchNorm " + bn.name + " folded" if bn is not None else "no BatchNorm") + weights_note
             replacements[name] = ExportWeighted(name, kind, inner.get_config(), folded, plan, int4=int4)
             report.append(ExportEntry(name, kind, "weights", folded.bits, note))
@@ -565,7 +787,8 @@ def snap_biases(model, int4_weights=False):
     the export uses (``export_weights``: codes refined to fill the int8 range, or the INT4 range with
     ``int4_weights=True``; an int8 grid is finer than the INT4 one, so snap with the storage you will
     export). Returns one row per layer: the largest change in accumulator steps (<= 0.5) and in
-    output steps.
+    output steps. Split piecewise (PWLQ) layers are skipped with a note: ``to_integer_graph`` stores
+    their bias at ``s_out * 2^-16`` (``IntegerGraph.set_kernel_parts``), which needs no snap.
     """
     view = graph.GraphView(model)
     rows = []
@@ -574,6 +797,11 @@ def snap_biases(model, int4_weights=False):
         if type(inner).__name__ not in WEIGHTED or layer is inner:
             continue
         bn = _foldable_bn(view, name)
+        if split_weights(layer, bn) is not None:
+            rows.append({"layer": name, "changed": False,
+                         "note": "split piecewise kernel: to_integer_graph keeps its bias to 2^-17 output steps "
+                                 "(its own int32 scale s_out/2^16), so there is nothing to snap"})
+            continue
         s_in = input_step(view, name)
         folded = export_weights(layer, bn, s_in, int4_weights)[0]
         if s_in is None:
@@ -601,21 +829,28 @@ def snap_biases(model, int4_weights=False):
     return rows
 
 
-def export_report(model, int4_weights=False, exact_hard_swish=False) -> List[Dict[str, Any]]:
-    """Per layer/tensor: grid, bits and what export did (BN folding, zero points, tables)."""
-    return [dataclasses.asdict(e) for e in build_inference_model(model, int4_weights, exact_hard_swish)[1]]
+def export_report(model, int4_weights=False, exact_hard_swish=False, approximate_piecewise=False) -> List[Dict[str, Any]]:
+    """Per layer/tensor: grid, bits and what export did (BN folding, zero points, tables, the
+    approximation of split piecewise kernels)."""
+    return [dataclasses.asdict(e) for e in build_inference_model(model, int4_weights, exact_hard_swish,
+                                                                 approximate_piecewise)[1]]
 
 
-def to_tflite(model, path=None, int4_weights=False, int8_io=True, exact_hard_swish=False) -> bytes:
+def to_tflite(model, path=None, int4_weights=False, int8_io=True, exact_hard_swish=False,
+              approximate_piecewise=False) -> bytes:
     """Integer-only TFLite flatbuffer of a quantized model (see the module docstring).
 
     ``int4_weights``: store weights of <= 4 bits as INT4 (requires every such layer's codes in
     [-7, 7]); ``int8_io``: int8 input/output tensors (else float, with QUANTIZE/DEQUANTIZE only at
     the model boundary); ``exact_hard_swish``: hard-swish layers as exact int8 tables of the
-    trained forward (parity; slower than TFLite's HARD_SWISH op, which rounds differently).
+    trained forward (parity; slower than TFLite's HARD_SWISH op, which rounds differently);
+    ``approximate_piecewise``: PWLQ layers whose kernel is a sum of several integer parts (non-integer
+    tail/centre ratio, or ``granularity="group"``) are re-quantized to plain per-channel int8 so TFLite
+    runs them (not exact; ``export_report`` says so); by default they raise ``ExportError``, and
+    ``to_integer_graph`` exports them exactly.
     Raises ``ExportError`` naming the layer when a layer cannot be exported.
     """
-    export_model, _ = build_inference_model(model, int4_weights, exact_hard_swish)
+    export_model, _ = build_inference_model(model, int4_weights, exact_hard_swish, approximate_piecewise)
     converter = tf.lite.TFLiteConverter.from_keras_model(export_model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if int8_io:
@@ -673,12 +908,78 @@ def check_integer_only(flatbuffer, name, allow_boundary=False):
         raise ExportError(f"{name}: exported graph is not integer-only; it holds {', '.join(bad)}")
 
 
-def to_integer_graph(model, int4_weights=False):
+def split_layers(model, int4_weights=False):
+    """``{layer name: (SplitWeights, codes)}`` for every layer whose piecewise kernel needs several
+    integer parts; ``codes`` are the approximate int8 codes ``to_tflite(..., approximate_piecewise=True)``
+    stores for it (used to find its op in the flatbuffer)."""
+    view = graph.GraphView(model)
+    out = {}
+    for name, layer in view.layers.items():
+        inner = costs.inner_layer(layer)
+        if type(inner).__name__ not in WEIGHTED or layer is inner:
+            continue
+        bn = _foldable_bn(view, name)
+        split = split_weights(layer, bn)
+        if split is not None:
+            folded = export_weights(layer, bn, input_step(view, name), int4_weights, approximate_piecewise=True)[0]
+            out[name] = (split, folded.codes)
+    return out
+
+
+def _tflite_kernel_layout(kind, op_name, codes):
+    """A Keras-layout kernel (HWIO, HW C M, IO) in the layout of TFLite op ``op_name``, or None."""
+    codes = np.asarray(codes)
+    if kind == "Conv2D" and op_name == "CONV_2D":
+        return np.transpose(codes, (3, 0, 1, 2))
+    if kind == "DepthwiseConv2D" and op_name == "DEPTHWISE_CONV_2D":
+        h, w, c, m = codes.shape
+        return codes.reshape(1, h, w, c * m)
+    if kind == "Dense" and op_name == "CONV_2D":  # per-channel Dense: a 1x1 convolution
+        return codes.T[:, None, None, :]
+    if kind == "Dense" and op_name == "FULLY_CONNECTED":
+        return codes.T
+    return None
+
+
+def _find_weighted_op(graph_, name, kind, codes):
+    """Index of the op whose weight constant holds ``codes`` (layer ``name``'s approximate kernel);
+    ties between layers with identical codes are broken by the layer name in the op's tensor names."""
+    found = []
+    for i, op in enumerate(graph_.ops):
+        weights = graph_.constants.get(op["inputs"][1]) if len(op["inputs"]) > 1 else None
+        expected = _tflite_kernel_layout(kind, op["op"], codes) if weights is not None else None
+        if expected is not None and weights.shape == expected.shape and np.array_equal(weights, expected):
+            found.append(i)
+    if len(found) > 1:
+        named = [i for i in found if any(name in graph_.tensors[t].name
+                                         for t in graph_.ops[i]["inputs"] + graph_.ops[i]["outputs"] if t >= 0)]
+        found = named if named else found
+    if len(found) != 1:
+        raise ExportError(f"{name}: found {len(found)} {kind} ops holding its approximate kernel in the TFLite "
+                          "graph (expected exactly one), so its exact integer parts cannot be placed; was the "
+                          "flatbuffer made by to_tflite(model, approximate_piecewise=True) from this model?")
+    return found[0]
+
+
+def to_integer_graph(model, int4_weights=False, flatbuffer=None):
     """The model as an ``IntegerGraph`` (int8/int32 NumPy engine, TFLite reference semantics).
 
-    Built from the same integer-only flatbuffer ``to_tflite`` emits, so both hold the same codes,
-    int32 biases (activation zero points folded in by the kernels' ``x - z`` terms) and fixed-point
-    multipliers; ``IntegerGraph.run`` is bit-exact with TFLite's reference kernels.
+    Built from the same integer-only flatbuffer ``to_tflite`` emits (or ``flatbuffer``, which must
+    come from ``to_tflite(model, ...)``), so both hold the same codes, int32 biases (activation zero
+    points folded in by the kernels' ``x - z`` terms) and fixed-point multipliers; ``IntegerGraph.run``
+    is bit-exact with TFLite's reference kernels. Exception: each PWLQ layer whose kernel needs several
+    integer parts (``split_weights``) is exported through ``to_tflite(..., approximate_piecewise=True)``
+    and its op then replaced by the exact parts (``IntegerGraph.set_kernel_parts``: int32 accumulators
+    per part, one rounding), so those ops differ from TFLite by design and equal the Keras model.
     """
     from tfq.export.integer import IntegerGraph
-    return IntegerGraph.from_tflite(to_tflite(model, int4_weights=int4_weights))
+    splits = split_layers(model, int4_weights)
+    if flatbuffer is None:
+        flatbuffer = to_tflite(model, int4_weights=int4_weights, approximate_piecewise=bool(splits))
+    result = IntegerGraph.from_tflite(flatbuffer)
+    for name, (split, codes) in splits.items():
+        idx = _find_weighted_op(result, name, split.kind, codes)
+        op_name = result.ops[idx]["op"]
+        parts = [(_tflite_kernel_layout(split.kind, op_name, p.codes), p.scale) for p in split.parts]
+        result.set_kernel_parts(idx, parts, split.bias, name=name)
+    return result
