@@ -11,6 +11,8 @@ memory and the seconds the PTQ call takes.
 
     python -m benchmarks.pwlq                                   # or: make bench ONLY=pwlq
     python -m benchmarks.pwlq --models=mobile_swish --bits=4 --test_limit=1000   # quick
+    python -m benchmarks.pwlq --models=mobile_swish --bits=4,3,2 --variants=uni,pwg,pws,pwg+BGr,pws+B/int \
+        --export_limit=1000 --out=benchmarks/results/pwlq_export.json       # exported accuracy
 """
 from __future__ import annotations
 
@@ -87,6 +89,29 @@ def dataset_arrays(model_name, split, limit, image_size):
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def export_columns(q, x_test, y_test, limit):
+    """Export a PTQ model: IntegerGraph accuracy on the first ``limit`` test images (exact: split
+    layers become kernel-parts ops), TFLite (XNNPACK) accuracy on all of them (split layers
+    re-quantized to plain int8, ``approximate_piecewise``), how many layers were split, and
+    ``tfq.export.verify`` parity against Keras on the first ``min(limit, 300)`` images."""
+    from tfq.export import runs, tflite, verify
+    split = tflite.split_layers(q)
+    start = time.perf_counter()
+    flatbuffer = tflite.to_tflite(q, approximate_piecewise=bool(split))
+    graph = tflite.to_integer_graph(q, flatbuffer=flatbuffer)
+    export_seconds = time.perf_counter() - start
+    report = verify.verify(q, flatbuffer, x_test[:min(limit, 300)], graph=graph)
+    parity = {runtime: report[runtime] for runtime in ("xnnpack", "reference", "integer_graph") if runtime in report}
+    return {"split_layers": len(split), "kernel_parts_ops": len(graph.parts_ops()), "parity": parity,
+            "export_seconds": export_seconds, "int8_bytes": len(flatbuffer),
+            "tflite_accuracy": runs.tflite_accuracy(flatbuffer, x_test, y_test),
+            "tflite_is_approximate": bool(split),
+            "integer_graph_accuracy": runs.integer_graph_accuracy(graph, flatbuffer, x_test[:limit], y_test[:limit]),
+            "keras_accuracy_first_n": float(np.mean(np.argmax(q.predict(x_test[:limit], batch_size=256, verbose=0), 1)
+                                                    == y_test[:limit])),
+            "integer_graph_images": int(min(limit, len(x_test)))}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="mobile_swish,mobilenet_v2")
@@ -101,6 +126,9 @@ def main(argv=None):
     parser.add_argument("--train_limit", type=int, default=None,
                         help="MobileNetV2 float training on the first N images only (quick runs)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--export_limit", type=int, default=0,
+                        help="also export each variant: TFLite accuracy on the test images (approximate TFLite "
+                             "for split layers) and exact IntegerGraph accuracy on the first N (0: no export)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "pwlq.json"))
     args = parser.parse_args(argv)
     bits_list = [int(b) for b in args.bits.split(",")]
@@ -144,6 +172,8 @@ def main(argv=None):
                     row.update(keras_accuracy=acc, delta_vs_float=acc - float_acc,
                                logits_mse=float(np.mean((logits - float_logits) ** 2)),
                                weight_memory_bits=float(costs.weight_memory(q)))
+                    if args.export_limit:
+                        row.update(export_columns(q, x_test, y_test, args.export_limit))
                 except Exception as err:  # a variant that fails is a result, not a crash
                     row.update(error=describe_error(err))
                 save_row(results, row, args.out)
