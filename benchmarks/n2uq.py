@@ -12,9 +12,16 @@ the BatchNorm moving statistics are recomputed from ``--bn_images`` training ima
 trained quantized network (the same for every variant; 0 skips it). It separates the quality
 of the quantized network from BatchNorm moving averages that still hold the float model's
 statistics after a short fine-tuning (the cause of the paper init's collapse, docs/n2uq.md).
+Each quantized variant is then exported (bias snap, ``tfq.export.to_tflite``) and its TFLite
+(XNNPACK) test accuracy recorded, after the BatchNorm re-estimation when that column is on. For
+the first N2UQ variant of the lowest bit-width, the histogram of ``beta1 * x`` at the inputs of
+two activation quantizers (``--plot_layers``) is stored with the learned thresholds and drawn to
+``docs/n2uq_thresholds.png`` (paper fig. 3). ``--seeds`` repeats every variant per seed (float
+checkpoint and fine-tuning both seeded) for mean and spread.
 
     python -m benchmarks.n2uq --epochs=1 --limit=20000 --bits=2,3    # the LSQ benchmark's reduced budget
     python -m benchmarks.n2uq --epochs=3 --bits=2,3,4                # protocol budget
+    python -m benchmarks.n2uq --epochs=1 --limit=20000 --bits=2,3,4 --methods=n2uq,lsq,lsq+ --seeds=0,1,2
 """
 from __future__ import annotations
 
@@ -24,13 +31,15 @@ import os
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 import numpy as np
 
-from benchmarks.common import describe_error, finetune_and_evaluate, new_results, save_row
-from tfq import costs, train
+from benchmarks.common import (describe_error, export_accuracy, finetune_and_evaluate, new_results, save_figure,
+                               save_row, write)
+from tfq import costs, data, train
 from tfq.quantizers import n2uq
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(HERE, ".cache")
 RESULTS = os.path.join(HERE, "results")
+PLOT = os.path.join(os.path.dirname(HERE), "docs", "n2uq_thresholds.png")
 
 
 def learned_thresholds(model):
@@ -42,6 +51,70 @@ def learned_thresholds(model):
             params = quantizers[0].parameters(layer._output_quantizer_vars)
             found[layer.name] = {k: np.asarray(v).tolist() for k, v in params.items()}
     return found
+
+
+def summary(rows):
+    """Per (method, bits): mean, spread (max - min) and count over seeds of the accuracy columns."""
+    groups = {}
+    for row in rows:
+        if "error" not in row:
+            groups.setdefault(f"{row['method']} W{row['weight_bits']}A{row['activation_bits']}", []).append(row)
+    out = {}
+    for key, group in groups.items():
+        out[key] = {"seeds": [r["seed"] for r in group]}
+        for column in ("keras_accuracy", "keras_accuracy_bn_reestimated", "tflite_accuracy"):
+            values = [r[column] for r in group if r.get(column) is not None]
+            if values:
+                out[key][column] = {"mean": float(np.mean(values)), "spread": float(np.ptp(values)),
+                                    "values": values}
+    return out
+
+
+def threshold_histograms(model, layer_names, images, bins=120):
+    """Per named N2UQ activation quantizer (its wrapper must wrap a weightless layer, e.g. an
+    Activation): the histogram of ``beta1 * x`` over ``images``, where ``x`` is the quantizer's input,
+    with the learned thresholds ``T_k`` (same units) and the uniform ones (same start and span)."""
+    import tf_keras as keras
+    found = {}
+    for name in layer_names:
+        layer = model.get_layer(name)
+        quantizers = getattr(layer, "_output_quantizers", None)
+        if not quantizers or not isinstance(quantizers[0], n2uq.N2UQActivationQuantizer):
+            raise ValueError(f"--plot_layers: {name!r} has no N2UQ activation quantizer")
+        if layer.layer.weights:
+            raise ValueError(f"--plot_layers: {name!r} wraps a layer with weights; pick an activation layer")
+        params = quantizers[0].parameters(layer._output_quantizer_vars)
+        wrapper_input = keras.Model(model.inputs, layer.input).predict(images, batch_size=256, verbose=0)
+        x = params["beta1"] * np.asarray(layer.layer(wrapper_input), np.float64).reshape(-1)
+        counts, edges = np.histogram(x, bins=bins)
+        span = float(np.sum(params["lengths"]))
+        levels = len(params["lengths"])
+        uniform = params["start"] + span * (np.arange(levels) + 0.5) / levels
+        found[name] = {"counts": counts.tolist(), "edges": edges.tolist(),
+                       "thresholds": np.asarray(params["thresholds"]).tolist(), "uniform_thresholds": uniform.tolist(),
+                       "start": params["start"], "beta1": params["beta1"]}
+    return found
+
+
+def plot_thresholds(histograms, title, path=PLOT):
+    """Histogram of ``beta1 * x`` per layer with the learned (solid) and uniform (dashed) thresholds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(histograms), figsize=(5 * len(histograms), 3.4))
+    for ax, (name, h) in zip(np.atleast_1d(axes), histograms.items()):
+        edges = np.asarray(h["edges"])
+        ax.bar(edges[:-1], np.maximum(h["counts"], 1), width=np.diff(edges), align="edge", color="0.7", log=True)
+        for k, t in enumerate(h["thresholds"]):
+            ax.axvline(t, color="C3", label="learned T_k" if k == 0 else None)
+        for k, t in enumerate(h["uniform_thresholds"]):
+            ax.axvline(t, color="C0", linestyle="--", label="uniform, same start and span" if k == 0 else None)
+        ax.set_title(name)
+        ax.set_xlabel("beta1 * x (quantizer input)")
+        ax.set_ylabel("count (log)")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path)
 
 
 def main(argv=None):
@@ -61,8 +134,14 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=None,
                         help="fine-tune on the first N training examples only (quick runs; protocol: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds, each running every variant "
+                        "(overrides --seed)")
+    parser.add_argument("--no_export", action="store_true", help="skip the TFLite export and its accuracy")
+    parser.add_argument("--plot_layers", default="quant_stem_act,quant_block4_pw_act",
+                        help="two N2UQ activation layers for the threshold plot ('' skips it)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "n2uq.json"))
     args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
     bits_list = [int(b) for b in args.bits.split(",")]
     choices = {"n2uq": ("n2uq", {"param_lr_scale": args.param_lr_scale, "init": "data"}),
                "lsq": ("lsq", {}),
@@ -78,28 +157,44 @@ def main(argv=None):
         variants += [(choices[name][0], bits, dict(choices[name][1])) for name in names]
 
     results = new_results("n2uq", args, argv, quick_run=args.limit is not None)
-    float_epoch = None
-    for method, bits, options in variants:
-        net, _ = train.float_model("fashion_mnist", args.model, args.float_epochs, seed=args.seed,
-                                   cache_dir=CACHE, verbose=0)  # float: always the full train split
-        row = {"method": method, "weight_bits": bits, "activation_bits": bits, "options": options}
-        try:
-            if method == "float":
-                model = net
-            else:
-                model = tfq.quantize_model(net, method, weight_bits=bits, activation_bits=bits, **options)
-            row.update(finetune_and_evaluate(model, args))
-            if method != "float":
-                row.update(weight_memory_bits=float(costs.weight_memory(model)),
-                           bitops=float(costs.bitops(model)))
-            if method == "n2uq":
-                row["learned"] = learned_thresholds(model)
-            if method == "float":
-                float_epoch = row["median_epoch_seconds"]
-            row["epoch_ratio_to_float"] = row["median_epoch_seconds"] / float_epoch if float_epoch else None
-        except Exception as err:  # a variant that fails is a result, not a crash
-            row.update(error=describe_error(err))
-        save_row(results, row, args.out, hide=("learned",))
+    plot_layers = [n for n in args.plot_layers.split(",") if n]
+    plot_bits = min(bits_list)
+    for seed in seeds:
+        args.seed = seed
+        float_epoch = None
+        for method, bits, options in variants:
+            net, _ = train.float_model("fashion_mnist", args.model, args.float_epochs, seed=seed,
+                                       cache_dir=CACHE, verbose=0)  # float: always the full train split
+            row = {"method": method, "weight_bits": bits, "activation_bits": bits, "options": options, "seed": seed}
+            try:
+                if method == "float":
+                    model = net
+                else:
+                    model = tfq.quantize_model(net, method, weight_bits=bits, activation_bits=bits, **options)
+                row.update(finetune_and_evaluate(model, args))
+                if method != "float":
+                    row.update(weight_memory_bits=float(costs.weight_memory(model)),
+                               bitops=float(costs.bitops(model)))
+                if method == "n2uq":
+                    row["learned"] = learned_thresholds(model)
+                    if plot_layers and bits == plot_bits and "threshold_histograms" not in results:
+                        images = data.load_numpy("fashion_mnist", "test", limit=1000)[0]
+                        results["threshold_histograms"] = {
+                            "seed": seed, "bits": bits, "images": len(images),
+                            "layers": threshold_histograms(model, plot_layers, images)}
+                        plot_thresholds(results["threshold_histograms"]["layers"],
+                                        f"N2UQ W{bits}A{bits}, mobile_swish, seed {seed}: learned thresholds "
+                                        f"vs the activation histogram ({len(images)} test images)")
+                if method == "float":
+                    float_epoch = row["median_epoch_seconds"]
+                elif not args.no_export:
+                    row.update(export_accuracy(model))
+                row["epoch_ratio_to_float"] = row["median_epoch_seconds"] / float_epoch if float_epoch else None
+            except Exception as err:  # a variant that fails is a result, not a crash
+                row.update(error=describe_error(err))
+            save_row(results, row, args.out, hide=("learned",))
+    results["summary"] = summary(results["variants"])
+    write(results, args.out)
     return results
 
 

@@ -40,6 +40,11 @@ def test_cli_rejects_unknown_command():
     assert out.returncode != 0 and "COMMAND is one of train" in (out.stdout + out.stderr)
 
 
+def test_cli_and_run_share_the_batch_norm_reestimation_default():
+    from tfq import cli
+    assert cli.FLAGS["bn_reestimate_examples"].default == tfq.train.BN_REESTIMATE_EXAMPLES > 0
+
+
 def test_cli_prints_export_errors_without_a_traceback(monkeypatch, capsys):
     """An ExportError (it names the layer and the ways out) is the CLI's message and exit code 1."""
     from tfq import cli

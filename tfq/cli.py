@@ -39,7 +39,7 @@ flags.DEFINE_string("run_dir", "runs/latest", "output directory (train, ptq)")
 flags.DEFINE_string("callback_options", None, "train: JSON options of the method's callback, e.g. "
                     "'{\"lambda_\": 0.1}' for adaqat, '{\"alpha\": -0.02}' for ddq")
 flags.DEFINE_string("cache_dir", None, "float checkpoint cache (default RUN_DIR/cache)")
-flags.DEFINE_integer("bn_reestimate_examples", 0, "train: re-estimate the BatchNorm statistics from this many "
+flags.DEFINE_integer("bn_reestimate_examples", 1024, "train (= tfq.train.BN_REESTIMATE_EXAMPLES): re-estimate the BatchNorm statistics from this many "
                      "training examples after fine-tuning (tfq.train.reestimate_batch_norm; 0: keep them)")
 flags.DEFINE_integer("bias_grid_steps", 0, "train: steps of fine-tuning with BatchNorm frozen and biases kept on "
                      "the int32 export grid after the epochs (tfq.train.finetune_on_bias_grid; 0: snap only)")
