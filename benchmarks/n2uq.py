@@ -160,7 +160,7 @@ def main(argv=None):
     plot_layers = [n for n in args.plot_layers.split(",") if n]
     plot_bits = min(bits_list)
     for seed in seeds:
-        args.seed = seed
+        seed_args = argparse.Namespace(**{**vars(args), "seed": seed})  # results["protocol"] keeps --seed
         float_epoch = None
         for method, bits, options in variants:
             net, _ = train.float_model("fashion_mnist", args.model, args.float_epochs, seed=seed,
@@ -171,7 +171,7 @@ def main(argv=None):
                     model = net
                 else:
                     model = tfq.quantize_model(net, method, weight_bits=bits, activation_bits=bits, **options)
-                row.update(finetune_and_evaluate(model, args))
+                row.update(finetune_and_evaluate(model, seed_args))
                 if method != "float":
                     row.update(weight_memory_bits=float(costs.weight_memory(model)),
                                bitops=float(costs.bitops(model)))

@@ -263,20 +263,15 @@ def group_model(images):
 
 def _parity(model, images, kinds):
     flat = tfl.to_tflite(model, approximate_piecewise=True)
-    graph = tfl.to_integer_graph(model)
+    graph = tfl.to_integer_graph(model, flatbuffer=flat)
     split = tfl.split_layers(model)
     assert {s.kind for s, _ in split.values()} == set(kinds), split.keys()
     assert len(graph.parts_ops()) == len(split)
     report = ver.verify(model, flat, images[1], graph=graph)
     keras_out = model.predict(images[1], verbose=0)
-    ig = graph.run(ver.quantize_input(images[1], tfl_input_detail(flat)))
+    ig = graph.run(ver.quantize_input(images[1], ver._interpreter(flat, reference=True).get_input_details()[0]))
     raw_argmax = float(np.mean(keras_out.argmax(1) == np.asarray(ig).argmax(1)))
     return report, raw_argmax, split
-
-
-def tfl_input_detail(flat):
-    from ai_edge_litert.interpreter import Interpreter
-    return Interpreter(model_content=flat).get_input_details()[0]
 
 
 def test_split_model_integer_graph_matches_keras(split_model, images):

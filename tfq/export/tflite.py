@@ -35,7 +35,7 @@ import tf_keras as keras
 from tfq import costs, graph
 from tfq.ptq import fold
 from tfq.quantizers.grid import CodebookGrid, PiecewiseGrid, ThresholdGrid, UniformGrid
-from tfq.quantizers.pwlq import ShiftedGrid, piecewise_codes
+from tfq.quantizers.pwlq import ShiftedGrid, broadcast_parameter, piecewise_codes
 
 WEIGHTED = ("Conv2D", "DepthwiseConv2D", "Dense")
 
@@ -46,24 +46,13 @@ class ExportError(ValueError):
 
 # --- weights ---------------------------------------------------------------------------------
 def weight_step(grid, layer_name):
-    """Per-channel (or scalar) real step between consecutive int8 weight codes of ``grid``."""
-    if isinstance(grid, ShiftedGrid):
-        raise ExportError(_shifted_grid_message(layer_name))
+    """Per-channel (or scalar) real step between consecutive int8 weight codes of a uniform or
+    codebook ``grid`` (piecewise grids go through ``piecewise_parts``)."""
     if isinstance(grid, (UniformGrid, CodebookGrid)):
         if np.any(np.asarray(grid.zero_point) != 0):
             raise ExportError(f"{layer_name}: weight grid has a non-zero zero point; TFLite int8 "
                               "weights are symmetric (zero point 0)")
         return np.asarray(grid.scale, np.float64)
-    if isinstance(grid, PiecewiseGrid):
-        step = np.asarray(grid.centre_scale, np.float64)
-        for name in ("breakpoint", "tail_scale"):
-            ratio = np.asarray(getattr(grid, name)) / step
-            if not np.allclose(ratio, np.round(ratio), atol=1e-4):
-                raise ExportError(
-                    f"{layer_name}: piecewise {name} is not a whole number of centre steps, so the "
-                    "layer is not one int8 convolution; quantize with the integer-ratio constraint "
-                    "(tfq.ptq.pwlq(..., integer_tail_ratio=True))")
-        return step
     raise ExportError(f"{layer_name}: a {type(grid).__name__} cannot describe weights")
 
 
@@ -106,14 +95,7 @@ PART_RECONSTRUCTION_RTOL = 1e-6
 
 def _grid_values(value, axis, shape):
     """A grid parameter given along ``axis`` broadcast to the kernel ``shape``."""
-    value = np.asarray(value, np.float64)
-    if axis is None:
-        return np.broadcast_to(value, shape)
-    axes = sorted(int(a) % len(shape) for a in ((axis,) if isinstance(axis, (int, np.integer)) else axis))
-    target = [1] * len(shape)
-    for a, n in zip(axes, value.shape):
-        target[a] = n
-    return np.broadcast_to(value.reshape(target), shape)
+    return np.broadcast_to(broadcast_parameter(np.asarray(value, np.float64), axis, len(shape)), shape)
 
 
 def _merge_parts(candidates, peak):
@@ -285,6 +267,20 @@ def _approximate_piecewise(grid, w_q, kind, n_parts):
     return codes, step, note
 
 
+def _fold_batch_norm(batch_norm, bias, kernels):
+    """Fold ``batch_norm`` (the BatchNormalization after a weighted layer) into its float ``bias``
+    and ``kernels``, a list of ``(codes, step)``: codes with the output channel last, step per output
+    channel. Codes are negated where the BatchNorm factor is negative and steps multiplied by its
+    magnitude (1e-12 where that is 0). Returns ``(bias, [(codes, step), ...])``."""
+    factor, shift = fold.batch_norm_factors(costs.inner_layer(batch_norm))
+    sign = np.sign(np.where(factor == 0, 1.0, factor))
+    folded = []
+    for codes, step in kernels:
+        step = np.asarray(step, np.float64) * np.abs(factor)
+        folded.append((codes * sign, np.where(step == 0, 1e-12, step)))
+    return bias * factor + shift, folded
+
+
 def fold_weights(wrapper, batch_norm=None, approximate_piecewise=False) -> FoldedWeights:
     """Codes of ``wrapper``'s fake-quantized kernel with ``batch_norm`` (a BN layer or None) folded.
 
@@ -314,11 +310,7 @@ def fold_weights(wrapper, batch_norm=None, approximate_piecewise=False) -> Folde
                               f"{np.max(np.abs(codes * step - w_last)) / np.max(step):.3g} steps)")
     bias = _layer_bias(inner, n_out)
     if batch_norm is not None:
-        factor, shift = fold.batch_norm_factors(costs.inner_layer(batch_norm))
-        bias = bias * factor + shift
-        codes = codes * np.sign(np.where(factor == 0, 1.0, factor))
-        step = step * np.abs(factor)
-        step = np.where(step == 0, 1e-12, step)
+        bias, [(codes, step)] = _fold_batch_norm(batch_norm, bias, [(codes, step)])
         per_channel = True
     if np.max(np.abs(codes)) > 127:
         raise ExportError(f"{name}: weight code {int(np.max(np.abs(codes)))} does not fit TFLite's "
@@ -350,12 +342,10 @@ def split_weights(wrapper, batch_norm=None) -> Optional[SplitWeights]:
         return None
     bias = _layer_bias(inner, _output_channels(kind, w_q.shape))
     if batch_norm is not None:
-        factor, shift = fold.batch_norm_factors(costs.inner_layer(batch_norm))
-        bias = bias * factor + shift
-        sign = np.sign(np.where(factor == 0, 1.0, factor)).astype(np.int64)
-        parts = [KernelPart((_to_channels_last(kind, p.codes) * sign).reshape(p.codes.shape),
-                            np.where(p.scale * np.abs(factor) == 0, 1e-12, p.scale * np.abs(factor)))
-                 for p in parts]
+        bias, folded = _fold_batch_norm(batch_norm, bias, [(_to_channels_last(kind, p.codes), p.scale)
+                                                           for p in parts])
+        parts = [KernelPart(codes.reshape(p.codes.shape).astype(np.int64), scale)
+                 for p, (codes, scale) in zip(parts, folded)]
     return SplitWeights(parts, bias, kind, groups)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 
 
-
 def _interpreter(flatbuffer, reference):
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
     kwargs = {"experimental_op_resolver_type": OpResolverType.BUILTIN_REF} if reference else {}

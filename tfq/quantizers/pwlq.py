@@ -101,7 +101,9 @@ class ShiftedGrid:
         object.__setattr__(self, "shift", arr)
 
 
-def _broadcast(value, axis, ndim):
+def broadcast_parameter(value, axis, ndim):
+    """A grid parameter given along ``axis`` (int, tuple or None) reshaped to broadcast against a
+    tensor of rank ``ndim``."""
     if axis is None:
         return np.asarray(value)
     axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
@@ -117,7 +119,7 @@ def piecewise_codes(grid: PiecewiseGrid, w):
     """``(sign, codes, tail)`` of eq. 3 for the real kernel ``w`` on ``grid`` (NumPy, float64,
     round half to even): ``sign`` int8 +-1, ``codes`` int64 in ``[0, 2^b - 1]``, ``tail`` bool."""
     w = np.asarray(w, np.float64)
-    p, s_c, s_t = (_broadcast(v, grid.axis, w.ndim)
+    p, s_c, s_t = (broadcast_parameter(v, grid.axis, w.ndim)
                    for v in (grid.breakpoint, grid.centre_scale, grid.tail_scale))
     levels = 2 ** grid.bits_per_piece - 1
     magnitude = np.abs(w)
@@ -131,7 +133,7 @@ def piecewise_codes(grid: PiecewiseGrid, w):
 def piecewise_values(grid: PiecewiseGrid, sign, codes, tail):
     """Real values of ``(sign, codes, tail)`` on ``grid`` (float64)."""
     codes = np.asarray(codes)
-    p, s_c, s_t = (_broadcast(v, grid.axis, codes.ndim)
+    p, s_c, s_t = (broadcast_parameter(v, grid.axis, codes.ndim)
                    for v in (grid.breakpoint, grid.centre_scale, grid.tail_scale))
     return np.asarray(sign) * np.where(tail, p + codes * s_t, codes * s_c)
 
