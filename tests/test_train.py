@@ -29,6 +29,10 @@ def test_tfq_train_writes_a_loadable_run_directory(tmp_path):
     assert metrics["weight_bits"] == 4 and len(metrics["epoch_seconds"]) == 1
     assert 0.0 <= metrics["quantized_accuracy"] <= 1.0
     assert any(name.endswith("_offset:0") for name in metrics["quantizers"])  # config 4 by default
+    # BatchNorm statistics are re-estimated by default (small_cnn has BatchNorm layers)
+    reestimation = metrics["batch_norm_reestimation"]
+    assert reestimation["examples"] == tfq.train.BN_REESTIMATE_EXAMPLES and reestimation["layers"] > 0
+    assert 0.0 <= reestimation["accuracy_before"] <= 1.0
     assert list((run_dir / "logs").rglob("events.out.tfevents*"))
     with tfq.quantize_scope():
         q = keras.models.load_model(run_dir / "quantized.h5", compile=False)
