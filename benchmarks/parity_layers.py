@@ -1,56 +1,39 @@
-"""Where Keras and TFLite part ways, layer by layer (diagnosis for README "Known limits").
+"""Where Keras and the integer model part ways, op by op (diagnosis for docs/export.md "Known limits").
 
-Loads a run directory's ``quantized.h5``, exports it, runs TFLite's builtin kernels (no XNNPACK, so
-every intermediate int8 tensor is kept) on the first ``--examples`` test images, and for every
-BatchNorm folded into a convolution compares the Keras BatchNorm output with the convolution's int8
-output tensor in TFLite, in output steps. Also compares every Keras layer whose name appears in a
-TFLite tensor name with the same shape (activations, sigmoid gates, adds, ...). Prints the share of
-values more than one step apart, in graph order. A MUL or ADD tensor followed by MINIMUM/MAXIMUM is
-compared before those clamps, so only the clamped tensors' rows are like for like there.
+Loads a run directory's ``quantized.h5``, exports it and prints ``tfq.export.verify.locate_divergence``
+on the first ``--examples`` test images: the IntegerGraph runs op by op in graph order, every op
+reading Keras's codes for each input tensor that has a Keras counterpart (teacher forcing), so each
+row is one op's own error against Keras, in steps of its output grid. ``--arithmetic`` picks the
+IntegerGraph arithmetic: ``xnnpack`` (what LiteRT computes by default, bit for bit), ``reference``
+(the TFLite reference kernels, whose fixed-point requantization rounds twice) or ``both``.
 
-    python -m benchmarks.parity_layers runs/demo --examples=50 [--exact_hard_swish]
+    python -m benchmarks.parity_layers runs/demo --examples=50 [--exact_hard_swish] [--arithmetic=both]
 
-Read with care: the builtin (and reference) CONV_2D/DEPTHWISE_CONV_2D kernels requantize with a
-fixed-point multiplier and double rounding, which at W4A4 (multipliers ~0.3, accumulators of a few
-dozen) moves ~10-25% of convolution outputs by one step against ``round(acc * M)``; XNNPACK (the
-default runtime, what ``tfq.export.verify`` accepts on) rounds once and equals Keras there. So rows
-here grow along the network even where XNNPACK is exact; LOGISTIC and MUL match Keras on the
-tensors they are given (tests/test_parity_ops.py). Under XNNPACK the only op that differs from
-Keras is HARD_SWISH (1-2 of 256 input codes), which ``--exact_hard_swish`` replaces by a table.
+Columns: op index and type, Keras layer, ``chain`` (the ops between the forced inputs and the
+compared tensor, e.g. a MUL and the MINIMUM/MAXIMUM clamps after it), the share of values whose
+codes differ, the share more than one step apart, the largest difference in steps, and
+``off_grid``: the largest distance of Keras's value to the tensor's grid (rows with a large one
+compare a Keras tensor the integer model does not hold). Under XNNPACK the expected differences
+are HARD_SWISH (TFLite's fixed point, 1-2 of 256 input codes unless ``--exact_hard_swish``) and
+convolution outputs within ~1e-5 of a rounding tie, where Keras's float32 sum lands on the other
+side (about 1 value in 10^5).
 """
 from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
-import tf_keras as keras
 
 from tfq import data
-from tfq.export import runs, tflite
+from tfq.export import runs, tflite, verify
 
-
-def _tflite_tensors(flat, x):
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-    interp = Interpreter(model_content=flat, experimental_preserve_all_tensors=True,
-                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    interp.allocate_tensors()
-    inp = interp.get_input_details()[0]
-    s, z = inp["quantization"]
-    details = [d for d in interp.get_tensor_details() if d["dtype"] == np.int8 and d["quantization"][0]]
-    per_example = []
-    for k in range(len(x)):
-        interp.set_tensor(inp["index"], np.clip(np.round(x[k:k + 1] / s) + z, -128, 127).astype(np.int8))
-        interp.invoke()
-        per_example.append({d["name"]: interp.get_tensor(d["index"]).copy() for d in details})
-    return details, per_example
+ARITHMETIC_CHOICES = ("xnnpack", "reference", "both")
 
 
 def _match(layer_name, tensor_name, model_name, names):
-    """The TFLite tensor holding ``layer_name``'s output: a folded BatchNorm's is its convolution's
-    ``add``; other layers' tensors carry the layer name as a path component. A convolution followed
-    by a folded BatchNorm has no tensor of its own (its ``add`` is the BatchNorm's output)."""
+    """The earlier name rule (kept for scripts that import it; ``verify.layer_tensors`` supersedes
+    it): a folded BatchNorm's tensor is its convolution's ``add``; other layers' tensors carry the
+    layer name as a path component."""
     first = tensor_name.split(";")[0]
     if layer_name.endswith("_bn"):
         return first.startswith(f"{model_name}/{layer_name[:-3]}/add")
@@ -59,28 +42,37 @@ def _match(layer_name, tensor_name, model_name, names):
     return f"/{layer_name}/" in first + "/"
 
 
+def format_rows(rows, arithmetic):
+    lines = [f"--- {arithmetic} arithmetic (teacher forced) ---",
+             f"{'#':>4s} {'op':18s} {'Keras layer':30s} {'chain':30s} {'differ':>8s} {'>1 step':>8s} "
+             f"{'max':>4s} {'off_grid':>8s}"]
+    for r in rows:
+        lines.append(f"{r['op_index']:4d} {r['op'][:18]:18s} {r['layer'][:30]:30s} {r['chain'][:30]:30s} "
+                     f"{100 * r['differing']:7.3f}% {100 * r['beyond_one_step']:7.3f}% {r['max_steps']:4d} "
+                     f"{r['off_grid']:8.3f}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
     parser.add_argument("--examples", type=int, default=50)
     parser.add_argument("--exact_hard_swish", action="store_true",
                         help="export hard-swish layers as exact int8 tables (to_tflite(exact_hard_swish=True))")
+    parser.add_argument("--arithmetic", choices=ARITHMETIC_CHOICES, default="both",
+                        help="IntegerGraph arithmetic: xnnpack (LiteRT's default runtime), reference, or both")
     args = parser.parse_args(argv)
+    if args.examples < 1:
+        parser.error(f"--examples must be a positive integer, got {args.examples}")
     model = runs.load_run_model(args.run_dir)
     x, _ = data.load_numpy("fashion_mnist", "test", limit=args.examples)
-    details, tensors = _tflite_tensors(tflite.to_tflite(model, exact_hard_swish=args.exact_hard_swish), x)
-    layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
-    outputs = keras.Model(model.inputs, [l.output for l in layers]).predict(x, verbose=0)
-    names = {l.name for l in layers}
-    print(f"{'Keras layer':32s} {'TFLite tensor':60s} > 1 step")
-    for layer, keras_out in zip(layers, outputs):
-        for d in details:
-            if not _match(layer.name, d["name"], model.name, names) or tuple(d["shape"][1:]) != keras_out.shape[1:]:
-                continue
-            scale, zero_point = d["quantization"]
-            far = [np.mean(np.abs(keras_out[k:k + 1] / scale + zero_point - t[d["name"]]) > 1 + 1e-3)
-                   for k, t in enumerate(tensors)]
-            print(f"{layer.name[:32]:32s} {d['name'].split(';')[0][:60]:60s} {100 * np.mean(far):6.2f}%")
+    flatbuffer = tflite.to_tflite(model, exact_hard_swish=args.exact_hard_swish)
+    graph = tflite.to_integer_graph(model, flatbuffer=flatbuffer)
+    arithmetics = ("xnnpack", "reference") if args.arithmetic == "both" else (args.arithmetic,)
+    for arithmetic in arithmetics:
+        rows = verify.locate_divergence(model, flatbuffer, x, arithmetic=arithmetic, graph=graph)
+        print(format_rows(rows, arithmetic))
+    return 0
 
 
 if __name__ == "__main__":

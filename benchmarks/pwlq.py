@@ -89,7 +89,7 @@ def dataset_arrays(model_name, split, limit, image_size):
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def export_columns(q, x_test, y_test, limit):
+def export_columns(q, x_test, y_test, limit, exact_hard_swish=False):
     """Export a PTQ model: IntegerGraph accuracy on the first ``limit`` test images (exact: split
     layers become kernel-parts ops), TFLite (XNNPACK) accuracy on all of them (split layers
     re-quantized to plain int8, ``approximate_piecewise``), how many layers were split, and
@@ -97,11 +97,12 @@ def export_columns(q, x_test, y_test, limit):
     from tfq.export import runs, tflite, verify
     split = tflite.split_layers(q)
     start = time.perf_counter()
-    flatbuffer = tflite.to_tflite(q, approximate_piecewise=bool(split))
+    flatbuffer = tflite.to_tflite(q, approximate_piecewise=bool(split), exact_hard_swish=exact_hard_swish)
     graph = tflite.to_integer_graph(q, flatbuffer=flatbuffer)
     export_seconds = time.perf_counter() - start
     report = verify.verify(q, flatbuffer, x_test[:min(limit, 300)], graph=graph)
-    parity = {runtime: report[runtime] for runtime in ("xnnpack", "reference", "integer_graph") if runtime in report}
+    parity = {runtime: report[runtime] for runtime in ("xnnpack", "reference", "integer_graph", "integer_graph_xnnpack")
+              if runtime in report}
     return {"split_layers": len(split), "kernel_parts_ops": len(graph.parts_ops()), "parity": parity,
             "export_seconds": export_seconds, "int8_bytes": len(flatbuffer),
             "tflite_accuracy": runs.tflite_accuracy(flatbuffer, x_test, y_test),
@@ -129,6 +130,10 @@ def main(argv=None):
     parser.add_argument("--export_limit", type=int, default=0,
                         help="also export each variant: TFLite accuracy on the test images (approximate TFLite "
                              "for split layers) and exact IntegerGraph accuracy on the first N (0: no export)")
+    parser.add_argument("--exact_hard_swish", action="store_true",
+                        help="export hard-swish layers as exact int8 tables (to_tflite(exact_hard_swish=True))")
+    parser.add_argument("--no_snap", action="store_true",
+                        help="pwlq(snap_for_export=False): biases off the int32 grid, exact hard swish in Keras")
     parser.add_argument("--out", default=os.path.join(RESULTS, "pwlq.json"))
     args = parser.parse_args(argv)
     bits_list = [int(b) for b in args.bits.split(",")]
@@ -165,7 +170,7 @@ def main(argv=None):
                     net, _ = float_net(model_name)  # fresh after clear_session (cached checkpoint)
                     start = time.perf_counter()
                     q = pwlq(net, x_cal, weight_bits=bits, activation_bits=8, first_last_bits=8,
-                             batch_size=args.calibration_batch, **options)
+                             batch_size=args.calibration_batch, snap_for_export=not args.no_snap, **options)
                     row["ptq_seconds"] = time.perf_counter() - start
                     logits = q.predict(x_test, batch_size=256, verbose=0)
                     acc = float(np.mean(np.argmax(logits, 1) == y_test))
@@ -173,7 +178,7 @@ def main(argv=None):
                                logits_mse=float(np.mean((logits - float_logits) ** 2)),
                                weight_memory_bits=float(costs.weight_memory(q)))
                     if args.export_limit:
-                        row.update(export_columns(q, x_test, y_test, args.export_limit))
+                        row.update(export_columns(q, x_test, y_test, args.export_limit, args.exact_hard_swish))
                 except Exception as err:  # a variant that fails is a result, not a crash
                     row.update(error=describe_error(err))
                 save_row(results, row, args.out)

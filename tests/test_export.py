@@ -55,6 +55,7 @@ def _quantized(name, fashion, bits, config):
                            activation_config=config)
     tfq.calibrate(q, tf.data.Dataset.from_tensor_slices(fashion[0][:512]).batch(256).map(lambda x: (x,)), steps=2)
     tfl.snap_biases(q)
+    tfl.snap_hard_swish(q)
     return q
 
 

@@ -117,3 +117,53 @@ def test_exact_hard_swish_is_reported():
     notes = {e["layer"]: e["note"] for e in tfl.export_report(q, exact_hard_swish=True)}
     assert "exact int8 table" in notes["quant_act"]
     assert "exact int8 table" not in {e["layer"]: e["note"] for e in tfl.export_report(q)}["quant_act"]
+
+
+@pytest.mark.parametrize("scale_in,zero_in,op_misses", [(0.0194, -108, 1), (0.0259, -114, 2)])
+def test_snap_hard_swish_makes_keras_equal_tflite_hard_swish_on_every_input_code(scale_in, zero_in, op_misses):
+    """After ``snap_hard_swish`` the Keras layer returns TFLite's HARD_SWISH code for all 256 input
+    codes (XNNPACK and reference kernels), the export still holds the fast HARD_SWISH op, the row
+    counts the codes that moved, the gradient stays hard swish's, and save/load keeps the snap."""
+    q, _ = _hard_swish_model(scale_in, zero_in)
+    x = ((CODES - zero_in) * scale_in).astype(np.float32)[None]
+    before = np.asarray(q.predict(x, verbose=0), np.float64)
+    rows = tfl.snap_hard_swish(q)
+    assert [(r["layer"], r["codes_moved"]) for r in rows] == [("quant_act", op_misses)]
+    after = np.asarray(q.predict(x, verbose=0), np.float64)
+    flat = tfl.to_tflite(q)
+    for runtime in ("xnnpack", "reference"):
+        codes, _, out, ops = _run(flat, CODES, runtime)
+        assert "HARD_SWISH" in ops, ops
+        s_out, z_out = out["quantization"]
+        np.testing.assert_array_equal(codes, np.round(after[0] / s_out + z_out).astype(np.int64))
+    assert int(np.sum(np.abs(after - before) > 1e-3 * s_out)) == op_misses
+    inner = q.get_layer("quant_act").layer
+    xt = tf.constant(np.linspace(-4, 4, 33, dtype=np.float32) + 0.01)  # off the kinks at +-3
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = inner.activation(xt)
+    expected = np.where(xt < -3, 0.0, np.where(xt > 3, 1.0, (2 * xt.numpy() + 3) / 6))
+    np.testing.assert_allclose(tape.gradient(y, xt).numpy(), expected, atol=1e-6)
+    path = tfq_tmp_h5(q)
+    with tfq.quantize_scope():
+        loaded = keras.models.load_model(path, compile=False)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), after)
+
+
+def tfq_tmp_h5(model):
+    import os
+    import tempfile
+    path = os.path.join(tempfile.mkdtemp(), "snapped.h5")
+    model.save(path)
+    return path
+
+
+def test_snapped_hard_swish_refuses_export_after_its_grids_moved():
+    q, _ = _hard_swish_model(0.03, -100)
+    tfl.snap_hard_swish(q)
+    quant_in = [l for l in q.layers if type(l).__name__ == "QuantizeLayer"][0]
+    quant_in.quantizer.assign_scale(quant_in.quantizer_vars, np.float32(0.031))
+    with pytest.raises(tfl.ExportError, match="quant_act: snap_hard_swish was computed for grids"):
+        tfl.to_tflite(q)
+    tfl.snap_hard_swish(q)
+    assert "HARD_SWISH" in _run(tfl.to_tflite(q), CODES, "xnnpack")[3]

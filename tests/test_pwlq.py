@@ -242,6 +242,24 @@ def test_kernels_lie_on_their_grids(cnn_w4):
         np.testing.assert_allclose(back, k, rtol=1e-6, atol=1e-7, err_msg=name)
 
 
+def test_biases_are_snapped_onto_the_exported_int32_grid(trained_cnn, cnn_w4):
+    """pwlq's last step (snap_for_export=True) leaves nothing for tfq.export.snap_biases to move; without
+    it the biases are off the grid TFLite adds them on. At W8A8 the snapped small CNN's TFLite
+    (XNNPACK) outputs equal Keras's exactly; unsnapped, some differ by a step."""
+    from tfq.export import tflite, verify
+    model, cal, x_test = trained_cnn
+    rows = tflite.snap_biases(cnn_w4)
+    assert len(rows) == 4 and not any(r["changed"] for r in rows)
+    parity = {}
+    for snap in (False, True):
+        q = pwlq(model, cal, weight_bits=8, activation_bits=8, method="uniform", bias_correction=False,
+                 batch_size=64, snap_for_export=snap)
+        parity[snap] = verify.verify(q, tflite.to_tflite(q), x_test[:200])["xnnpack"]
+        assert any(r["changed"] for r in tflite.snap_biases(q)) is not snap
+    assert parity[True]["exact_share"] == 1.0 and parity[True]["max_step_difference"] < 1e-3, parity
+    assert parity[False]["exact_share"] < 0.99, parity
+
+
 def test_activation_bounds_are_calibration_bounds_of_float_tensors(trained_cnn, cnn_w4):
     model, cal, _ = trained_cnn
     folded = fold.fold_batch_norms(graph.canonicalize(model)[0])
@@ -324,7 +342,7 @@ def test_bias_correction_modes_hand_checked():
     w_q, _ = pwlq_core.quantize_channels(w, (1,), 3, bias_correction=False)
     alpha = np.std(w, axis=0, ddof=1) / np.std(w_q, axis=0, ddof=1)
     d = w.mean(axis=0) - alpha * w_q.mean(axis=0)
-    common = dict(weight_bits=3, first_last_bits=None, batch_size=16)
+    common = dict(weight_bits=3, first_last_bits=None, batch_size=16, snap_for_export=False)
 
     q = pwlq(model, x, bias_correction=True, **common)                 # std in grid, mean in bias
     kernel, _, _ = wrappers(q)["hidden"]
@@ -381,6 +399,7 @@ def test_calibration_data_forms_and_errors():
     (dict(first_last_bits=1), "first_last_bits"),
     (dict(activation_bits=12), "activation_bits"),
     (dict(bits_mean="stor", weight_bits=2), "weight_bits >= 3"),
+    (dict(snap_for_export="yes"), "snap_for_export"),
 ])
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -75,6 +75,8 @@ def custom_objects():
     objects = {cls.__name__: cls for cls in qbase._REGISTRY.values()}
     objects["LayerQuantizeConfig"] = configs.LayerQuantizeConfig
     objects["PositiveConstraint"] = qbase.PositiveConstraint
+    from tfq.export.tflite import TFLiteHardSwish  # set by tfq.export.snap_hard_swish
+    objects["TFLiteHardSwish"] = TFLiteHardSwish
     objects.update({f"tfq>{name}": obj for name, obj in list(objects.items())})
     return objects
 

@@ -61,6 +61,8 @@ flags.DEFINE_string("bias_correction", "true", "PWLQ bias correction: true, fals
 flags.DEFINE_enum("bits_mean", "piece", ["piece", "comp", "stor"], "what --weight_bits counts (PWLQ)")
 flags.DEFINE_enum("ptq_method", "pwlq", ["pwlq", "uniform"], "piecewise or uniform baseline")
 flags.DEFINE_integer("calibration_examples", 512, "ptq: training examples used for calibration")
+flags.DEFINE_bool("snap_for_export", True, "ptq: biases onto the exported int32 grid and hard swish onto TFLite's "
+                  "kernel (tfq.export.snap_biases, snap_hard_swish)")
 # bench
 flags.DEFINE_enum("target", "host", ["host", "aarch64", "android"], "where to measure latency")
 flags.DEFINE_integer("threads", 1, "bench: interpreter threads")
@@ -132,7 +134,8 @@ def _ptq(args):
     start = time.perf_counter()
     q = tfq.ptq.pwlq(float_model, x, weight_bits=FLAGS.weight_bits, activation_bits=activation_bits,
                      breakpoint=FLAGS.breakpoint, granularity=FLAGS.granularity, bias_correction=correction,
-                     bits_mean=FLAGS.bits_mean, method=FLAGS.ptq_method, first_last_bits=FLAGS.first_last_bits)
+                     bits_mean=FLAGS.bits_mean, method=FLAGS.ptq_method, first_last_bits=FLAGS.first_last_bits,
+                     snap_for_export=FLAGS.snap_for_export)
     seconds = time.perf_counter() - start
     os.makedirs(FLAGS.run_dir, exist_ok=True)
     q.save(os.path.join(FLAGS.run_dir, "quantized.h5"))
@@ -140,7 +143,7 @@ def _ptq(args):
     metrics = {"dataset": dataset, "method": FLAGS.ptq_method, "source": source, "weight_bits": FLAGS.weight_bits,
                "activation_bits": activation_bits, "breakpoint": FLAGS.breakpoint,
                "granularity": FLAGS.granularity, "bias_correction": FLAGS.bias_correction,
-               "bits_mean": FLAGS.bits_mean, "ptq_seconds": seconds,
+               "bits_mean": FLAGS.bits_mean, "snap_for_export": FLAGS.snap_for_export, "ptq_seconds": seconds,
                "float_accuracy": evaluate(float_model, dataset), "quantized_accuracy": evaluate(q, dataset)}
     with open(os.path.join(FLAGS.run_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)

@@ -198,17 +198,21 @@ def reestimate_batch_norm(model, images, batch_size=256):
 
 
 def snap_biases_for_export(model):
-    """``tfq.export.snap_biases`` (biases onto the integer model's int32 grid, so the saved Keras
-    model computes what its export computes); a model that cannot be exported keeps its biases and
-    the returned dict says why."""
-    from tfq.export.tflite import ExportError, snap_biases
+    """``tfq.export.snap_biases`` (biases onto the integer model's int32 grid) and
+    ``tfq.export.snap_hard_swish`` (hard swish as TFLite's int8 kernel computes it), so the saved
+    Keras model computes what its export computes; a model that cannot be exported keeps its biases
+    and the returned dict says why."""
+    from tfq.export.tflite import ExportError, snap_biases, snap_hard_swish
     try:
         rows = snap_biases(model)
     except ExportError as err:
         return {"changed": False, "error": str(err)}
+    hard_swish = [r for r in snap_hard_swish(model) if r["changed"]]
     moved = [r["max_output_steps"] for r in rows if r.get("max_output_steps") is not None]
-    return {"changed": any(r["changed"] for r in rows), "layers": len(rows),
-            "max_output_steps_moved": max(moved) if moved else 0.0}
+    return {"changed": any(r["changed"] for r in rows) or bool(hard_swish), "layers": len(rows),
+            "max_output_steps_moved": max(moved) if moved else 0.0,
+            "hard_swish_layers": len(hard_swish),
+            "hard_swish_codes_moved": sum(r["codes_moved"] for r in hard_swish)}
 
 
 def finetune_on_bias_grid(model, dataset, steps, learning_rate=1e-4, batch_size=128, seed=0, limit=None,

@@ -1,13 +1,14 @@
 """Export of tfq models: TFLite, integer graphs, parity reports and on-device latency.
 
-``to_tflite``, ``to_integer_graph``, ``snap_biases``, ``verify``, ``export_report`` and ``benchmark`` are the public
+``to_tflite``, ``to_integer_graph``, ``snap_biases``, ``snap_hard_swish``, ``verify``, ``export_report`` and ``benchmark`` are the public
 entry points (see ARCHITECTURE.md); submodules load lazily so ``import tfq.export`` stays cheap.
 """
 import importlib as _importlib
 
 _API = {"to_tflite": "tfq.export.tflite", "export_report": "tfq.export.tflite", "ExportError": "tfq.export.tflite",
         "verify": "tfq.export.verify", "IntegerGraph": "tfq.export.integer", "benchmark": "tfq.export.bench",
-        "to_integer_graph": "tfq.export.tflite", "snap_biases": "tfq.export.tflite"}
+        "to_integer_graph": "tfq.export.tflite", "snap_biases": "tfq.export.tflite",
+        "snap_hard_swish": "tfq.export.tflite"}
 
 
 def __getattr__(name):

@@ -73,6 +73,38 @@ Running
 ``graph.run(x)`` takes the model input exactly as the TFLite input tensor (an ``np.int8`` array, or
 float32 if the model starts with a QUANTIZE op) and returns the output array (a list if the model has
 several outputs).  The batch dimension may be larger than the one in the TFLite model.
+``graph.run_op(index, tensors)`` runs one op on given input arrays (teacher forcing,
+``tfq.export.verify.locate_divergence``).
+
+XNNPACK arithmetic
+------------------
+``run(x, arithmetic="xnnpack")`` computes what LiteRT 2.3 computes with its default XNNPACK
+delegate: XNNPACK's arithmetic for the int8 ops the delegate takes (``xnnpack_arithmetic_ops()``),
+the reference kernels for the others (the builtin kernels that run them give the same results, except
+ADD/MUL at scale ratios >= 256, which saturate where the reference kernels wrap).  Measured with
+one-op models on every input code or on accumulators chosen where candidate formulas round apart
+(tests/test_xnnpack_arithmetic.py); every product and quotient below is float32, ``round`` is half to
+even, results are clamped to int8 and the fused activation range:
+
+* CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED (int8 weights, zero point 0):
+  ``round(float32(acc) * M_c) + z_out`` with ``M_c = float32(s_in * s_w[c]) / s_out`` -- not the
+  float32 value of TFLite's fixed-point multiplier, which rounds a few near-tie accumulators apart.
+* MUL: ``round(float32((a - z_a)(b - z_b)) * (float32(s_a * s_b) / s_out)) + z_out``; taken when that
+  scale is in [2^-16, 2^8).
+* ADD/SUB, in int32: ``((bias + a m_a + b m_b) >> k) + z_out`` with ``r_i = s_i / s_out``,
+  ``k = 20 - floor(log2 max |r_i|)``, ``m_i = round(r_i 2^k)`` (``m_b`` negated for SUB),
+  ``bias = 2^(k-1) - m_a z_a - m_b z_b``: halves round up.  Taken when both ratios are in [2^-10, 2^8).
+* MEAN over n values: ``round(float32(sum x) * M + (z_out - float32(n z_in) * M))`` with
+  ``M = (s_in / s_out) * (1 / n)``: both zero points enter before the rounding.
+* QUANTIZE float -> int8: ``round(x * (1 / s)) + z``.  int8 -> int8 and LEAKY_RELU: 8-bit fixed
+  point ``(256 z_out + 128 + d m) >> 8`` on ``d = x - z_in`` with ``m = round(256 s_in / s_out)``
+  (LEAKY_RELU: on ``d = z_in - x`` with ``-round(256 r)`` / ``-round(256 alpha r)``); taken when the
+  ratios are in [2^-8, 2^7].
+* Run by XNNPACK with the reference results (``XNNPACK_REFERENCE_EQUAL_OPS``): LOGISTIC, TANH,
+  MAX_POOL_2D, PAD, CONCATENATION, RESHAPE, DEQUANTIZE.  Left to the builtin kernels
+  (``XNNPACK_UNDELEGATED_OPS``): HARD_SWISH, MINIMUM, MAXIMUM, RELU, RELU6, SOFTMAX,
+  AVERAGE_POOL_2D, and convolutions with INT4 weights.
+* Kernel-parts ops keep their own exact arithmetic in both modes.
 
 Deliberate choices
 ------------------
@@ -112,6 +144,7 @@ __all__ = [
     "saturating_rounding_doubling_high_mul",
     "rounding_divide_by_pot",
     "SUPPORTED_OPS",
+    "ARITHMETICS",
 ]
 
 INT32_MIN = -(1 << 31)
@@ -700,14 +733,18 @@ class IntegerGraph:
 
     # ---- execution ----------------------------------------------------------------------------
 
-    def run(self, x, return_tensors: bool = False):
+    def run(self, x, return_tensors: bool = False, arithmetic: str = "reference"):
         """Run the graph.
 
         ``x``: one array (or a list, one per model input) laid out like the TFLite input tensor(s):
         ``np.int8`` for int8 inputs, float32 when the model starts with a float->int8 QUANTIZE.
         Returns the output array (a list if the model has several outputs); with
         ``return_tensors=True`` returns ``{tensor_id: array}`` for every tensor computed.
+        ``arithmetic``: "reference" (the TFLite reference kernels, bit for bit) or "xnnpack" (what
+        LiteRT 2.3 computes with its default XNNPACK delegate: XNNPACK's arithmetic for the ops it
+        runs, the reference kernels for the others; module docstring "XNNPACK arithmetic").
         """
+        _check_arithmetic(arithmetic)
         xs = list(x) if isinstance(x, (list, tuple)) else [x]
         if len(xs) != len(self.inputs):
             raise IntegerGraphError(f"the graph has {len(self.inputs)} inputs, got {len(xs)} arrays")
@@ -730,14 +767,7 @@ class IntegerGraph:
                     f"got {list(arr.shape)}")
             env[t] = arr
         for idx, op in enumerate(self.ops):
-            args = [env[i] if i >= 0 else None for i in op["inputs"]]
-            try:
-                results = _KERNELS[op["op"]](self, idx, op, args)
-            except IntegerGraphError:
-                raise
-            except Exception as e:  # pragma: no cover - surfaces the failing op
-                raise IntegerGraphError(f"op #{idx} {op['op']} failed: {e}") from e
-            for t, r in zip(op["outputs"], results):
+            for t, r in zip(op["outputs"], self._invoke(idx, env, arithmetic)):
                 env[t] = r
         if return_tensors:
             return env
@@ -745,6 +775,38 @@ class IntegerGraph:
         return outs[0] if len(outs) == 1 else outs
 
     __call__ = run
+
+    def run_op(self, index: int, tensors: Dict[int, np.ndarray], arithmetic: str = "reference") -> List[np.ndarray]:
+        """Run op ``index`` alone: ``tensors`` maps tensor ids to arrays and must hold the op's
+        non-constant inputs (constants come from the graph); returns one array per op output.
+        ``arithmetic`` as in ``run``."""
+        _check_arithmetic(arithmetic)
+        if not isinstance(index, (int, np.integer)) or not 0 <= index < len(self.ops):
+            raise IndexError(f"index must be an op index in [0, {len(self.ops)}), got {index!r}")
+        missing = [t for t in self.ops[index]["inputs"] if t >= 0 and t not in tensors and t not in self.constants]
+        if missing:
+            raise IntegerGraphError(f"op #{index} {self.ops[index]['op']}: no array for input tensor(s) {missing}")
+        return self._invoke(int(index), {**self.constants, **tensors}, arithmetic)
+
+    def xnnpack_arithmetic_ops(self) -> List[int]:
+        """Indices of the ops ``run(..., arithmetic="xnnpack")`` computes with XNNPACK's arithmetic
+        (the others use the reference kernels)."""
+        return [i for i, op in enumerate(self.ops) if self._kernel_for(op, "xnnpack") is not _KERNELS[op["op"]]]
+
+    def _kernel_for(self, op, arithmetic):
+        if arithmetic == "xnnpack" and op["op"] in _XNNPACK_KERNELS and _xnnpack_runs(self, op):
+            return _XNNPACK_KERNELS[op["op"]]
+        return _KERNELS[op["op"]]
+
+    def _invoke(self, idx, env, arithmetic):
+        op = self.ops[idx]
+        args = [env[i] if i >= 0 else None for i in op["inputs"]]
+        try:
+            return self._kernel_for(op, arithmetic)(self, idx, op, args)
+        except IntegerGraphError:
+            raise
+        except Exception as e:  # pragma: no cover - surfaces the failing op
+            raise IntegerGraphError(f"op #{idx} {op['op']} failed: {e}") from e
 
     def _op_cache(self, idx: int) -> Dict[str, Any]:
         return self._cache.setdefault(idx, {})
@@ -942,11 +1004,10 @@ def _conv_multipliers(graph, idx, op, n_out):
     return cache["mult"], cache["shift"], cache["act"]
 
 
-@_kernel("CONV_2D")
-def _k_conv2d(graph, idx, op, args):
-    """``reference_integer_ops::ConvPerChannel`` (integer_ops/conv.h)."""
-    x, w, b = args[0], args[1], args[2] if len(args) > 2 else None
-    tin, tw, tout = _ts(graph, op, 0), _ts(graph, op, 1), _ts(graph, op, 0, out=True)
+def _conv2d_accumulator(graph, idx, op, x, w):
+    """``(accumulate, cout)``: ``accumulate(weights)`` is the exact accumulator ``sum w (x - z_in)``
+    of ``ConvPerChannel`` ([N, oh, ow, cout], float64 holding integers) for weights shaped like ``w``."""
+    tin, tw = _ts(graph, op, 0), _ts(graph, op, 1)
     if tw.zero_point.size and np.any(tw.zero_point != 0):
         raise IntegerGraphError(f"op #{idx} CONV_2D: per-channel weights must have zero point 0")
     cout, kh, kw, cin_f = w.shape
@@ -968,6 +1029,15 @@ def _k_conv2d(graph, idx, op, args):
                         patch[..., g * cin_f:(g + 1) * cin_f] @ wf[g * per_group:(g + 1) * per_group, ky, kx, :].T)
         return acc
 
+    return accumulate, cout
+
+
+@_kernel("CONV_2D")
+def _k_conv2d(graph, idx, op, args):
+    """``reference_integer_ops::ConvPerChannel`` (integer_ops/conv.h)."""
+    x, w, b = args[0], args[1], args[2] if len(args) > 2 else None
+    tout = _ts(graph, op, 0, out=True)
+    accumulate, cout = _conv2d_accumulator(graph, idx, op, x, w)
     if op["params"].get("parts"):
         return [_parts_output(graph, idx, op, [accumulate(w)] + [accumulate(graph.constants[t])
                                                                   for t in op["params"]["parts"]], b, tout)]
@@ -1059,12 +1129,10 @@ def _parts_output(graph, idx, op, accs, bias, tout):
     return _to_int8(np.clip(rounded + tout.z, lo, hi))
 
 
-@_kernel("DEPTHWISE_CONV_2D")
-def _k_depthwise(graph, idx, op, args):
-    """``reference_integer_ops::DepthwiseConvPerChannel`` (integer_ops/depthwise_conv.h);
-    output channel ``oc = ic * depth_multiplier + m``."""
-    x, w, b = args[0], args[1], args[2] if len(args) > 2 else None
-    tin, tout = _ts(graph, op, 0), _ts(graph, op, 0, out=True)
+def _depthwise_accumulator(graph, idx, op, x, w):
+    """``(accumulate, cout)`` of ``DepthwiseConvPerChannel``, as ``_conv2d_accumulator``; output
+    channel ``oc = ic * depth_multiplier + m``."""
+    tin = _ts(graph, op, 0)
     _, kh, kw, cout = w.shape
     n, h, wd, cin = x.shape
     mult_d = op["params"].get("depth_multiplier", 0) or cout // cin
@@ -1083,10 +1151,39 @@ def _k_depthwise(graph, idx, op, args):
             acc += patch * wf[0, ky, kx, :]
         return acc
 
+    return accumulate, cout
+
+
+@_kernel("DEPTHWISE_CONV_2D")
+def _k_depthwise(graph, idx, op, args):
+    """``reference_integer_ops::DepthwiseConvPerChannel`` (integer_ops/depthwise_conv.h)."""
+    x, w, b = args[0], args[1], args[2] if len(args) > 2 else None
+    tout = _ts(graph, op, 0, out=True)
+    accumulate, cout = _depthwise_accumulator(graph, idx, op, x, w)
     if op["params"].get("parts"):
         return [_parts_output(graph, idx, op, [accumulate(w)] + [accumulate(graph.constants[t])
                                                                   for t in op["params"]["parts"]], b, tout)]
     return [_conv_output(graph, idx, op, accumulate(w), b, cout, tout)]
+
+
+def _fc_rows(graph, idx, op, x, depth):
+    """FULLY_CONNECTED input as ``[rows, depth]`` float64 rows of ``x - z_in``."""
+    if x.size % depth:
+        raise IntegerGraphError(f"op #{idx} FULLY_CONNECTED: input size {x.size} is not a multiple of {depth}")
+    return x.reshape(-1, depth).astype(np.float64) - _ts(graph, op, 0).z
+
+
+def _fc_accumulator(graph, op, x2, w, b):
+    """int32 accumulator ``sum (w - z_w)(x - z_in) + bias`` of FULLY_CONNECTED ([rows, units], int64
+    holding int32 values); ``z_w`` is applied for per-tensor weights only, as in TFLite."""
+    tw = _ts(graph, op, 1)
+    wf = w.astype(np.float64)
+    if tw.scale.size <= 1 and tw.z != 0:
+        wf = wf - tw.z
+    acc = (x2 @ wf.T).astype(np.int64)
+    if b is not None:
+        acc = acc + _i64(b)
+    return _wrap32(acc)
 
 
 @_kernel("FULLY_CONNECTED")
@@ -1100,21 +1197,13 @@ def _k_fully_connected(graph, idx, op, args):
     tin, tw, tout = _ts(graph, op, 0), _ts(graph, op, 1), _ts(graph, op, 0, out=True)
     p = op["params"]
     units, depth = w.shape
-    if x.size % depth:
-        raise IntegerGraphError(f"op #{idx} FULLY_CONNECTED: input size {x.size} is not a multiple of {depth}")
-    x2 = x.reshape(-1, depth).astype(np.float64) - tin.z
+    x2 = _fc_rows(graph, idx, op, x, depth)
     if p.get("parts"):
         accs = [x2 @ part.astype(np.float64).T for part in [w] + [graph.constants[t] for t in p["parts"]]]
         y = _parts_output(graph, idx, op, accs, b, tout)
         return [y.reshape(tuple(x.shape[:-1]) + (units,)) if p.get("keep_num_dims", False) else y]
     per_channel = tw.scale.size > 1
-    wf = w.astype(np.float64)
-    if not per_channel and tw.z != 0:
-        wf = wf - tw.z
-    acc = (x2 @ wf.T).astype(np.int64)
-    if b is not None:
-        acc = acc + _i64(b)
-    acc = _wrap32(acc)
+    acc = _fc_accumulator(graph, op, x2, w, b)
     cache = graph._op_cache(idx)
     if "act" not in cache:
         cache["act"] = _activation_range(p.get("activation", "NONE"), tout.s, tout.z)
@@ -1562,6 +1651,231 @@ def _k_strided_slice(graph, idx, op, args):
     if squeeze:
         y = np.squeeze(y, axis=tuple(squeeze))
     return [y]
+
+
+# ----------------------------------------------------------------------------------------------
+# XNNPACK arithmetic (``run(..., arithmetic="xnnpack")``, module docstring "XNNPACK arithmetic").
+# Kernels for the int8 ops LiteRT 2.3's XNNPACK delegate runs with arithmetic of its own; every
+# float32 product and quotient is rounded to float32 as XNNPACK's C code does, ``_xnn_round`` is
+# its magic-bias / ``lrintf`` rounding (halves to even).
+# ----------------------------------------------------------------------------------------------
+
+ARITHMETICS = ("reference", "xnnpack")
+_F32 = np.float32
+_XNNPACK_KERNELS: Dict[str, Any] = {}
+
+
+def _xnnpack_kernel(*names):
+    def register(fn):
+        for n in names:
+            _XNNPACK_KERNELS[n] = fn
+        return fn
+    return register
+
+
+def _check_arithmetic(arithmetic):
+    if not isinstance(arithmetic, str) or arithmetic not in ARITHMETICS:
+        raise ValueError(f"arithmetic must be one of {', '.join(repr(a) for a in ARITHMETICS)}; "
+                         f"got {arithmetic!r}")
+
+
+def _f32_ratio(numerator, denominator):
+    return _F32(_F32(numerator) / _F32(denominator))
+
+
+def _in_range(value, low, high, high_inclusive=False):
+    value = abs(float(value))
+    return low <= value and (value <= high if high_inclusive else value < high)
+
+
+def _xnnpack_runs(graph, op) -> bool:
+    """Whether LiteRT 2.3's XNNPACK delegate takes ``op`` (one of the ops of ``_XNNPACK_KERNELS``).
+    The scale limits are the ones its XNNPACK operators accept; outside them the op stays in the
+    builtin kernels (measured at the boundaries with one-op models)."""
+    name = op["op"]
+    if op["params"].get("parts"):
+        return False  # kernel-parts ops are an IntegerGraph extension with exact arithmetic
+    tin, tout = _ts(graph, op, 0), _ts(graph, op, 0, out=True)
+    if name in PARTS_OPS:
+        tw = _ts(graph, op, 1)
+        return tw.dtype == "int8" and not np.any(tw.zero_point != 0)
+    if name in ("ADD", "SUB"):
+        return all(_in_range(_f32_ratio(_ts(graph, op, i).s, tout.s), 2.0 ** -10, 2.0 ** 8) for i in (0, 1))
+    if name == "MUL":
+        t2 = _ts(graph, op, 1)
+        return _in_range(_f32_ratio(_F32(tin.s) * _F32(t2.s), tout.s), 2.0 ** -16, 2.0 ** 8)
+    if name == "MEAN":
+        return True
+    if name == "QUANTIZE":
+        if tin.dtype == "float32":
+            return True
+        return tin.dtype == "int8" and _in_range(_f32_ratio(tin.s, tout.s), 2.0 ** -8, 2.0 ** 7, True)
+    if name == "LEAKY_RELU":
+        ratio = _f32_ratio(tin.s, tout.s)
+        negative = _F32(_F32(op["params"].get("alpha", 0.2)) * ratio)
+        return (_in_range(ratio, 2.0 ** -8, 2.0 ** 7, True)
+                and _in_range(negative, 2.0 ** -8, 2.0 ** 7, True))
+    return False
+
+
+def _xnn_round(v):
+    """float32 values rounded half to even, as int64 (saturated far outside the int32 range)."""
+    return np.rint(np.clip(np.asarray(v, np.float32), -2.0 ** 40, 2.0 ** 40)).astype(np.int64)
+
+
+def _xnn_requantize(acc, scale, out_zp, lo, hi):
+    """XNNPACK's fp32 requantization: ``clamp(round(float32(acc) * scale) + z_out, lo, hi)``, the
+    product in float32."""
+    v = (np.asarray(acc, np.int64).astype(np.float32) * np.asarray(scale, np.float32)).astype(np.float32)
+    return _to_int8(np.clip(_xnn_round(v) + out_zp, lo, hi))
+
+
+def _xnn_weighted_output(graph, idx, op, acc, bias, n_out):
+    """Output stage of XNNPACK's qs8/qc8w convolution and fully-connected operators: int32
+    accumulator (+ bias), per-channel scale ``float32(float32(s_in * s_w[c]) / s_out)``."""
+    cache = graph._op_cache(idx)
+    if "xnn_scale" not in cache:
+        tin, tw, tout = _ts(graph, op, 0), _ts(graph, op, 1), _ts(graph, op, 0, out=True)
+        sw = tw.scale if tw.scale.size > 1 else np.repeat(tw.scale[:1], n_out)
+        cache["xnn_scale"] = ((_F32(tin.s) * sw.astype(np.float32)).astype(np.float32)
+                              / _F32(tout.s)).astype(np.float32)
+        cache["xnn_act"] = _activation_range(op["params"].get("activation", "NONE"), tout.s, tout.z)
+    acc = np.asarray(acc).astype(np.int64)
+    if bias is not None:
+        acc = acc + _i64(bias)
+    lo, hi = cache["xnn_act"]
+    return _xnn_requantize(_wrap32(acc), cache["xnn_scale"], _ts(graph, op, 0, out=True).z, lo, hi)
+
+
+@_xnnpack_kernel("CONV_2D")
+def _x_conv2d(graph, idx, op, args):
+    """XNNPACK ``qs8_qc8w`` convolution: the reference accumulator, ``_xnn_weighted_output``."""
+    x, w, b = args[0], args[1], args[2] if len(args) > 2 else None
+    accumulate, cout = _conv2d_accumulator(graph, idx, op, x, w)
+    return [_xnn_weighted_output(graph, idx, op, accumulate(w), b, cout)]
+
+
+@_xnnpack_kernel("DEPTHWISE_CONV_2D")
+def _x_depthwise(graph, idx, op, args):
+    """XNNPACK ``qs8_qc8w`` depthwise convolution: the reference accumulator, ``_xnn_weighted_output``."""
+    x, w, b = args[0], args[1], args[2] if len(args) > 2 else None
+    accumulate, cout = _depthwise_accumulator(graph, idx, op, x, w)
+    return [_xnn_weighted_output(graph, idx, op, accumulate(w), b, cout)]
+
+
+@_xnnpack_kernel("FULLY_CONNECTED")
+def _x_fully_connected(graph, idx, op, args):
+    """XNNPACK ``qs8`` / ``qs8_qc8w`` fully connected: the reference int32 accumulator,
+    ``_xnn_weighted_output`` (per-tensor weights use their one scale for every unit)."""
+    x, w, b = args[0], args[1], args[2] if len(args) > 2 else None
+    units, depth = w.shape
+    acc = _fc_accumulator(graph, op, _fc_rows(graph, idx, op, x, depth), w, b)
+    y = _xnn_weighted_output(graph, idx, op, acc, None, units)
+    if op["params"].get("keep_num_dims", False):
+        y = y.reshape(tuple(x.shape[:-1]) + (units,))
+    return [y]
+
+
+@_xnnpack_kernel("MUL")
+def _x_mul(graph, idx, op, args):
+    """XNNPACK ``qs8_vmul`` (fp32): ``round(float32((a - z_a)(b - z_b)) * M) + z_out`` with
+    ``M = float32(float32(s_a s_b) / s_out)``, clamped to the fused activation range."""
+    t1, t2, tout = _ts(graph, op, 0), _ts(graph, op, 1), _ts(graph, op, 0, out=True)
+    cache = graph._op_cache(idx)
+    if "xnn_m" not in cache:
+        cache["xnn_m"] = _f32_ratio(_F32(t1.s) * _F32(t2.s), tout.s)
+        cache["xnn_act"] = _activation_range(op["params"].get("activation", "NONE"), tout.s, tout.z)
+    prod = (_i64(args[0]) - t1.z) * (_i64(args[1]) - t2.z)
+    lo, hi = cache["xnn_act"]
+    return [_xnn_requantize(prod, cache["xnn_m"], tout.z, lo, hi)]
+
+
+def _xnn_add_sub(graph, idx, op, args, sign):
+    """XNNPACK ``qs8_vadd`` (SUB: the second multiplier negated), all in int32:
+    ``((bias + a m_a + b m_b) >> k) + z_out`` with ``r_i = float32(s_i / s_out)``,
+    ``k = 20 - floor(log2(max |r_i|))``, ``m_i = round(r_i 2^k)``, ``bias = 2^(k-1) - m_a z_a - m_b z_b``
+    (so halves round up), clamped to the fused activation range."""
+    t1, t2, tout = _ts(graph, op, 0), _ts(graph, op, 1), _ts(graph, op, 0, out=True)
+    cache = graph._op_cache(idx)
+    if "xnn_ma" not in cache:
+        ra = _f32_ratio(t1.s, tout.s)
+        rb = _F32(sign * _f32_ratio(t2.s, tout.s))
+        shift = 20 - (int(np.frexp(max(abs(ra), abs(rb)))[1]) - 1)
+        ma = int(np.rint(np.ldexp(ra, shift)))
+        mb = int(np.rint(np.ldexp(rb, shift)))
+        cache["xnn_ma"], cache["xnn_mb"], cache["xnn_shift"] = ma, mb, shift
+        cache["xnn_bias"] = (1 << (shift - 1)) - ma * t1.z - mb * t2.z
+        cache["xnn_act"] = _activation_range(op["params"].get("activation", "NONE"), tout.s, tout.z)
+    acc = cache["xnn_bias"] + _i64(args[0]) * cache["xnn_ma"] + _i64(args[1]) * cache["xnn_mb"]
+    lo, hi = cache["xnn_act"]
+    return [_to_int8(np.clip((acc >> cache["xnn_shift"]) + tout.z, lo, hi))]
+
+
+@_xnnpack_kernel("ADD")
+def _x_add(graph, idx, op, args):
+    return _xnn_add_sub(graph, idx, op, args, 1)
+
+
+@_xnnpack_kernel("SUB")
+def _x_sub(graph, idx, op, args):
+    return _xnn_add_sub(graph, idx, op, args, -1)
+
+
+@_xnnpack_kernel("MEAN")
+def _x_mean(graph, idx, op, args):
+    """XNNPACK ``mean_nd_qs8``: the int32 sum of the raw codes, then in float32
+    ``round(float32(sum) * M + float32(z_out - float32(n z_in) * M))`` with
+    ``M = float32(s_in / s_out) * float32(1 / n)``: both zero points enter in float32 before the
+    rounding (so ties follow the parity of ``z_out``, unlike ``round(...) + z_out``)."""
+    x, axis = args[0], args[1]
+    tin, tout = _ts(graph, op, 0), _ts(graph, op, 0, out=True)
+    axes = _axes(axis, x.ndim)
+    n = int(np.prod([x.shape[a] for a in axes])) if axes else 1
+    scale = _F32(_f32_ratio(tin.s, tout.s) * _F32(_F32(1.0) / _F32(n)))
+    offset = _F32(_F32(tout.z) - _F32(_F32(n * tin.z) * scale))
+    total = _i64(x).sum(axis=axes, keepdims=op["params"].get("keep_dims", False)).astype(np.float32)
+    v = ((total * scale).astype(np.float32) + offset).astype(np.float32)
+    return [_to_int8(np.clip(_xnn_round(v), -128, 127))]
+
+
+def _xnn_fixed8(v, multiplier, out_zp):
+    """XNNPACK's 8-bit fixed-point requantization of ``qs8_vcvt`` / ``qs8_vlrelu``:
+    ``(256 z_out + 128 + v * multiplier) >> 8`` (halves round up), clamped to int8."""
+    return _to_int8(np.clip(((out_zp << 8) + 0x80 + v * multiplier) >> 8, -128, 127))
+
+
+@_xnnpack_kernel("QUANTIZE")
+def _x_quantize(graph, idx, op, args):
+    """float -> int8: XNNPACK ``f32_qs8_vcvt``, ``round(x * float32(1 / s)) + z``; int8 -> int8:
+    ``qs8_vcvt`` with ``m = round(256 float32(s_in / s_out))`` on ``x - z_in`` (``_xnn_fixed8``)."""
+    x = args[0]
+    tin, tout = _ts(graph, op, 0), _ts(graph, op, 0, out=True)
+    if tin.dtype == "float32":
+        v = (np.asarray(x, np.float32) * _F32(_F32(1.0) / _F32(tout.s))).astype(np.float32)
+        return [_to_int8(np.clip(_xnn_round(v) + tout.z, -128, 127))]
+    multiplier = int(np.rint(_F32(256.0) * _f32_ratio(tin.s, tout.s)))
+    return [_xnn_fixed8(_i64(x) - tin.z, multiplier, tout.z)]
+
+
+@_xnnpack_kernel("LEAKY_RELU")
+def _x_leaky_relu(graph, idx, op, args):
+    """XNNPACK ``qs8_vlrelu``: on ``d = z_in - x`` the multipliers ``-round(256 r)`` (x above the
+    zero point) and ``-round(256 float32(alpha r))`` (below), ``r = float32(s_in / s_out)``,
+    then ``_xnn_fixed8``."""
+    tin, tout = _ts(graph, op, 0), _ts(graph, op, 0, out=True)
+    ratio = _f32_ratio(tin.s, tout.s)
+    positive = int(np.rint(_F32(-256.0) * ratio))
+    negative = int(np.rint(_F32(-256.0) * _F32(_F32(op["params"].get("alpha", 0.2)) * ratio)))
+    d = tin.z - _i64(args[0])
+    return [_xnn_fixed8(d, np.where(d >= 0, negative, positive), tout.z)]
+
+
+#: ops LiteRT 2.3's XNNPACK delegate runs with the reference kernels' results (measured with one-op
+#: models on every input code): LUT activations, data movement, max pooling, DEQUANTIZE
+XNNPACK_REFERENCE_EQUAL_OPS = ("CONCATENATION", "DEQUANTIZE", "LOGISTIC", "MAX_POOL_2D", "PAD", "RESHAPE", "TANH")
+#: int8 ops LiteRT 2.3's XNNPACK delegate leaves to the builtin kernels (which equal the reference ones)
+XNNPACK_UNDELEGATED_OPS = ("AVERAGE_POOL_2D", "HARD_SWISH", "MAXIMUM", "MINIMUM", "RELU", "RELU6", "SOFTMAX")
+XNNPACK_ARITHMETIC_OPS = tuple(sorted(_XNNPACK_KERNELS))
 
 
 SUPPORTED_OPS = tuple(sorted(_KERNELS))

@@ -70,12 +70,6 @@ def _per_channel(step, kernel_shape, axis, n_out):
     return flat, True
 
 
-def _shifted_grid_message(layer_name):
-    return (f"{layer_name}: its weight grid carries a per-channel shift (ShiftedGrid, PWLQ "
-            "bias_correction='exact'), which needs a sum-of-inputs accumulator no exporter builds; quantize "
-            "with tfq.ptq.pwlq(..., bias_correction=True) (the shift goes into the bias)")
-
-
 # --- piecewise kernels as integer parts (PWLQ) -----------------------------------------------
 @dataclasses.dataclass
 class KernelPart:
@@ -152,18 +146,57 @@ def piecewise_parts(grid, w_q, kind, layer_name):
     breakpoint term ``sign`` (scale ``p``) and the tail codes ``sign * c`` (scale ``s_t``), codes from
     ``tfq.quantizers.pwlq.piecewise_codes``. ``_merge_parts`` then merges parts whose scales are
     whole multiples (``p = (2^b - 1) s_c`` always merges into the centre; with
-    ``integer_tail_ratio=True`` everything does: one part, one int8 convolution). Raises
-    ``ExportError`` naming the layer if the parts do not rebuild ``w_q`` to float32 precision.
+    ``integer_tail_ratio=True`` everything does: one part, one int8 convolution). A ``ShiftedGrid``
+    (PWLQ ``bias_correction="exact"``: ``w = base + shift[c]``) adds a part of codes ``sign(shift)``
+    at scale ``|shift|`` (the sum of the inputs over each receptive field) to its base grid's parts
+    (piecewise, or uniform: one part per group of equal steps); it merges into a part whose scale
+    divides the shift. Raises ``ExportError`` naming the layer if the parts do not rebuild ``w_q`` to
+    float32 precision.
     """
-    if isinstance(grid, ShiftedGrid):
-        raise ExportError(_shifted_grid_message(layer_name))
     w = np.asarray(w_q, np.float64)
-    sign, codes, tail = piecewise_codes(grid, w)
     n_out = _output_channels(kind, w.shape)
 
     def rows(a):
         return _to_channels_last(kind, np.asarray(a)).reshape(-1, n_out)
 
+    shifted = isinstance(grid, ShiftedGrid)
+    base_grid = grid.grid if shifted else grid
+    shift = _grid_values(grid.shift, grid.axis, w.shape) if shifted else np.zeros(w.shape)
+    base = w - shift
+    if isinstance(base_grid, PiecewiseGrid):
+        candidates, groups = _piecewise_candidates(base_grid, base, rows)
+    else:  # a uniform base (PWLQ method="uniform" with bias_correction="exact"): one part per group
+        step = rows(_grid_values(weight_step(base_grid, layer_name), base_grid.axis, w.shape))
+        codes = np.round(rows(base) / step).astype(np.int64)
+        _, group = np.unique(step, axis=0, return_inverse=True)
+        group = np.asarray(group).reshape(-1)
+        groups = int(group.max()) + 1
+        candidates = [(np.where((group == g)[:, None], codes, 0), step[int(np.argmax(group == g))])
+                      for g in range(groups)]
+    if shifted:
+        # the shift is a part of its own: codes sign(shift) everywhere in the channel, scale |shift|
+        # (w = base + shift, so the accumulator needs the sum of the inputs over the receptive field)
+        per_channel = rows(shift)[0]
+        candidates.append((np.broadcast_to(np.sign(per_channel), rows(w).shape).astype(np.int64),
+                           np.where(per_channel == 0, 1.0, np.abs(per_channel))))
+    target = rows(w)
+    merged = _merge_parts(candidates, np.max(np.abs(target), axis=0))
+    rebuilt = sum(codes * scale for codes, scale in merged)
+    error = np.abs(rebuilt - target)
+    tolerance = PART_RECONSTRUCTION_RTOL * np.max(np.abs(target), axis=0)
+    if np.any(error > tolerance):
+        worst = float(np.max(error / np.maximum(np.max(np.abs(target), axis=0), 1e-30)))
+        raise ExportError(f"{layer_name}: the integer parts of its piecewise kernel do not rebuild the "
+                          f"fake-quantized kernel (largest error {worst:.3g} of a channel's max |w|); the "
+                          f"kernel is not on its {type(grid).__name__}")
+    parts = [KernelPart(codes.reshape(w.shape), scale) for codes, scale in merged]
+    return parts, groups
+
+
+def _piecewise_candidates(grid, w, rows):
+    """Per input-channel group the centre, breakpoint and tail parts of ``w`` on ``grid`` (before
+    merging) and the number of groups; ``rows`` maps a kernel-shaped array to [rows, n_out]."""
+    sign, codes, tail = piecewise_codes(grid, w)
     signed, unit, in_tail = rows(sign.astype(np.int64) * codes), rows(sign.astype(np.int64)), rows(tail)
     params = [rows(_grid_values(getattr(grid, name), grid.axis, w.shape))
               for name in ("centre_scale", "breakpoint", "tail_scale")]
@@ -176,18 +209,7 @@ def piecewise_parts(grid, w_q, kind, layer_name):
         s_c, p, s_t = (param[first] for param in params)
         candidates += [(np.where(member & ~in_tail, signed, 0), s_c), (np.where(member & in_tail, unit, 0), p),
                        (np.where(member & in_tail, signed, 0), s_t)]
-    target = rows(w)
-    merged = _merge_parts(candidates, np.max(np.abs(target), axis=0))
-    rebuilt = sum(codes * scale for codes, scale in merged)
-    error = np.abs(rebuilt - target)
-    tolerance = PART_RECONSTRUCTION_RTOL * np.max(np.abs(target), axis=0)
-    if np.any(error > tolerance):
-        worst = float(np.max(error / np.maximum(np.max(np.abs(target), axis=0), 1e-30)))
-        raise ExportError(f"{layer_name}: the integer parts of its piecewise kernel do not rebuild the "
-                          f"fake-quantized kernel (largest error {worst:.3g} of a channel's max |w|); the "
-                          "kernel is not on its PiecewiseGrid")
-    parts = [KernelPart(codes.reshape(w.shape), scale) for codes, scale in merged]
-    return parts, int(group.max()) + 1
+    return candidates, int(group.max()) + 1
 
 
 def _split_message(layer_name, n_parts, groups):
@@ -259,7 +281,9 @@ def _approximate_piecewise(grid, w_q, kind, n_parts):
     peak = np.max(np.abs(w_last.reshape(-1, n_out)), axis=0)
     step = np.where(peak > 0, peak / INT8_CODE_LIMIT, 1.0)
     codes = np.round(w_last / step)
-    centre = _to_channels_last(kind, _grid_values(grid.centre_scale, grid.axis, w_q.shape))
+    base = grid.grid if isinstance(grid, ShiftedGrid) else grid
+    unit = base.centre_scale if isinstance(base, PiecewiseGrid) else base.scale
+    centre = _to_channels_last(kind, _grid_values(unit, base.axis, w_q.shape))
     change = float(np.max(np.abs(codes * step - w_last) / centre))
     note = (f", APPROXIMATE: piecewise kernel ({n_parts} integer parts) re-quantized to plain per-channel "
             f"int8 (approximate_piecewise=True), largest weight change {change:.3g} centre steps; "
@@ -667,7 +691,110 @@ def hard_swish_table_plan(view, name, output_grid):
 
 
 def _is_hard_swish(layer):
-    return type(layer).__name__ == "Activation" and graph.activation_name(layer).split(">")[-1] == "hard_swish"
+    return type(layer).__name__ == "Activation" and (
+        isinstance(layer.activation, TFLiteHardSwish)
+        or graph.activation_name(layer).split(">")[-1] == "hard_swish")
+
+
+def tflite_hard_swish_codes(input_scale, input_zero_point, output_scale, output_zero_point):
+    """TFLite's int8 HARD_SWISH output code for each input code -128..127 (its fixed-point
+    reference kernel, the one every LiteRT runtime runs: XNNPACK does not take the op)."""
+    from tfq.export.integer import IntegerGraph, TensorSpec
+    spec = lambda name, s, z: TensorSpec(name, [1, 256], "int8", [s], [z])  # noqa: E731
+    one_op = IntegerGraph([{"op": "HARD_SWISH", "inputs": [0], "outputs": [1]}],
+                          {0: spec("input", input_scale, input_zero_point),
+                           1: spec("output", output_scale, output_zero_point)}, inputs=[0], outputs=[1])
+    return one_op.run(np.arange(-128, 128, dtype=np.int8)[None])[0].astype(np.int64)
+
+
+@keras.utils.register_keras_serializable(package="tfq")
+class TFLiteHardSwish:
+    """Hard swish ``x * relu6(x + 3) / 6`` whose forward is what TFLite's int8 HARD_SWISH kernel
+    returns for inputs on one int8 grid (``tflite_hard_swish_codes``; it differs from rounding the
+    exact value on a few of the 256 codes); the gradient is hard swish's own (straight through).
+    ``snap_hard_swish`` installs it; export turns it back into TFLite's HARD_SWISH op."""
+
+    def __init__(self, input_scale, input_zero_point, output_scale, output_zero_point):
+        self.input_scale, self.input_zero_point = float(input_scale), int(input_zero_point)
+        self.output_scale, self.output_zero_point = float(output_scale), int(output_zero_point)
+        codes = tflite_hard_swish_codes(self.input_scale, self.input_zero_point, self.output_scale,
+                                        self.output_zero_point)
+        self.values = ((codes - self.output_zero_point) * self.output_scale).astype(np.float32)
+        self.__name__ = "tflite_hard_swish"
+
+    def __call__(self, x):
+        exact = x * tf.nn.relu6(x + 3.0) / 6.0
+        code = tf.clip_by_value(tf.round(x / self.input_scale) + self.input_zero_point, -128.0, 127.0)
+        table = tf.gather(tf.constant(self.values, x.dtype), tf.cast(code, tf.int32) + 128)
+        return exact + tf.stop_gradient(table - exact)
+
+    def grids(self):
+        return (self.input_scale, self.input_zero_point, self.output_scale, self.output_zero_point)
+
+    def get_config(self):
+        return {"input_scale": self.input_scale, "input_zero_point": self.input_zero_point,
+                "output_scale": self.output_scale, "output_zero_point": self.output_zero_point}
+
+
+def _hard_swish_grids(view, name):
+    """(s_in, z_in, s_out, z_out) of a hard-swish layer's int8 input and output tensors, or None."""
+    in_quantizer, in_vars = costs.input_quantizer(view, name)
+    _, out_grid = _output_plan(view.layers[name])
+    in_grid = in_quantizer.integer_grid(in_vars) if in_quantizer is not None else None
+    if not isinstance(in_grid, UniformGrid) or not isinstance(out_grid, UniformGrid):
+        return None
+    s_in, z_in, _, _ = in_grid.to_int8_container()
+    s_out, z_out, _, _ = out_grid.to_int8_container()
+    return float(s_in), int(z_in), float(s_out), int(z_out)
+
+
+def snap_hard_swish(model):
+    """Make every hard-swish layer compute what TFLite's int8 HARD_SWISH kernel computes, in place.
+
+    TFLite's kernel (fixed point, 16-bit intermediates) misses ``round(hard_swish(x) / s_out)`` by
+    one code on a few of the 256 input codes; later layers amplify those flips (docs/export.md,
+    parity). This sets each hard-swish ``Activation`` (between uniform int8 grids) to
+    ``TFLiteHardSwish`` for its current grids, so Keras equals the exported model's fast HARD_SWISH
+    op instead of needing ``to_tflite(exact_hard_swish=True)``'s slower tables. Call it after
+    training, like ``snap_biases`` (``tfq train`` does): export raises if the grids have moved since.
+    Returns one row per hard-swish layer: its grids and how many input codes TFLite maps elsewhere.
+    """
+    view = graph.GraphView(model)
+    rows = []
+    for name, layer in view.layers.items():
+        inner = costs.inner_layer(layer)
+        if layer is inner or not _is_hard_swish(inner):
+            continue
+        grids = _hard_swish_grids(view, name)
+        if grids is None:
+            rows.append({"layer": name, "changed": False, "note": "input or output is not a uniform int8 grid"})
+            continue
+        snapped = TFLiteHardSwish(*grids)
+        x = (np.arange(-128, 128) - grids[1]) * grids[0]
+        exact = np.clip(np.round(x * np.clip(x + 3, 0, 6) / 6 / grids[2]) + grids[3], -128, 127)
+        moved = int(np.sum(exact != np.round(snapped.values / grids[2]) + grids[3]))
+        inner.activation = snapped
+        rows.append({"layer": name, "changed": True, "grids": list(grids), "codes_moved": moved})
+    if any(r["changed"] for r in rows):
+        for attr in ("predict_function", "train_function", "test_function"):
+            setattr(model, attr, None)  # traced functions hold the old activation
+    return rows
+
+
+def _checked_hard_swish(view, name, inner):
+    """Export form of a hard-swish layer: a ``TFLiteHardSwish`` becomes plain hard swish again
+    (which the converter emits as HARD_SWISH) after checking its grids are still the layer's."""
+    if not isinstance(inner.activation, TFLiteHardSwish):
+        return inner
+    grids = _hard_swish_grids(view, name)
+    if grids is None or not np.allclose(grids, inner.activation.grids(), rtol=1e-6, atol=0):
+        raise ExportError(f"{name}: snap_hard_swish was computed for grids {inner.activation.grids()} "
+                          f"(s_in, z_in, s_out, z_out) but the layer's grids are now {grids}; call "
+                          "tfq.export.snap_hard_swish(model) again after training")
+    from tfq.models import hard_swish
+    config = inner.get_config()
+    config["activation"] = keras.activations.serialize(hard_swish)
+    return inner.__class__.from_config(config)
 
 
 def build_inference_model(model, int4_weights=False, exact_hard_swish=False, approximate_piecewise=False):
@@ -718,7 +845,9 @@ def build_inference_model(model, int4_weights=False, exact_hard_swish=False, app
                     plan = table_plan
                     report[-1].note += ("; exported as an exact int8 table of the input code (TFLite's "
                                         "HARD_SWISH kernel rounds differently)")
-            replacements[name] = ExportWrapped(name, inner.__class__.from_config(inner.get_config()), plan)
+            export_inner = (_checked_hard_swish(view, name, inner) if _is_hard_swish(inner)
+                            else inner.__class__.from_config(inner.get_config()))
+            replacements[name] = ExportWrapped(name, export_inner, plan)
         elif type(layer).__name__ == "BatchNormalization":
             raise ExportError(f"{name}: BatchNormalization that does not follow a Conv/Dense cannot be "
                               "folded; an integer model has no float BatchNorm")

@@ -18,7 +18,10 @@
    with a ``tfq.schemes.TFQScheme``): wrappers hold fixed ``PWLQWeightQuantizer`` /
    ``FixedUniformWeightQuantizer`` weight quantizers and LSQ activation quantizers whose scale
    and integer offset are set from the calibration bounds, so ``predict``, ``tfq.costs``,
-   export and ``tfq.quantize_scope()`` loading treat it like a trained model.
+   export and ``tfq.quantize_scope()`` loading treat it like a trained model;
+6. every bias is snapped onto the int32 grid of the exported integer model and hard-swish layers
+   onto TFLite's int8 kernel (``tfq.export.snap_biases``, ``snap_hard_swish``;
+   ``snap_for_export=False`` skips both).
 
 Each wrapped layer's kernel holds its quantized (bias-corrected) values, which lie on the
 quantizer's grid: the forward returns them unchanged, and ``integer_grid`` re-quantizes them
@@ -272,7 +275,7 @@ def _calibrate(float_model, quantized, batches, plans):
 
 def pwlq(model, calibration_data, weight_bits=4, activation_bits=8, breakpoint="gaussian",
          granularity="channel", bias_correction=True, bits_mean="piece", method="pwlq",
-         first_last_bits=8, integer_tail_ratio=False, group_size=None, batch_size=64):
+         first_last_bits=8, integer_tail_ratio=False, group_size=None, batch_size=64, snap_for_export=True):
     """Post-training quantization of a float Keras 2 model (see module docstring).
 
     Args:
@@ -293,6 +296,10 @@ def pwlq(model, calibration_data, weight_bits=4, activation_bits=8, breakpoint="
       integer_tail_ratio: make every tail scale an integer multiple of its centre scale with all
         codes within int8, so each layer exports as one int8 convolution (method "pwlq").
       batch_size: batch size used to split an array of calibration examples.
+      snap_for_export: step 6: move every (bias-corrected) bias onto the int32 grid the exported
+        integer model adds (``tfq.export.snap_biases``) and make hard-swish layers compute TFLite's
+        int8 kernel (``tfq.export.snap_hard_swish``), so Keras computes what TFLite computes (parity
+        figures in docs/pwlq.md). False keeps the model as bias correction left it.
 
     Returns the quantized model (tfmot wrappers; load with ``tfq.quantize_scope()``).
     """
@@ -305,6 +312,7 @@ def pwlq(model, calibration_data, weight_bits=4, activation_bits=8, breakpoint="
     granularity = pwlq_core._check_choice(granularity, "granularity", pwlq_core.GRANULARITIES)
     mode = _check_bias_correction(bias_correction)
     integer_tail_ratio = pwlq_core._check_choice(integer_tail_ratio, "integer_tail_ratio", (False, True))
+    snap_for_export = pwlq_core._check_choice(snap_for_export, "snap_for_export", (False, True))
     if method == "pwlq":
         pwlq_core.bits_per_piece(weight_bits, bits_mean)  # validates weight_bits and bits_mean
     else:
@@ -361,6 +369,14 @@ def pwlq(model, calibration_data, weight_bits=4, activation_bits=8, breakpoint="
             weight.assign(plan.kernel)
             if inner.name in shift_means:
                 inner.bias.assign(inner.bias.numpy() + shift_means[inner.name].astype(np.float32))
+    if snap_for_export:
+        from tfq.export.tflite import ExportError, snap_biases, snap_hard_swish
+        try:
+            snap_biases(quantized)
+        except ExportError as err:
+            raise ExportError(f"pwlq(snap_for_export=True): {err}; pass snap_for_export=False for a model you "
+                              "will not export") from err
+        snap_hard_swish(quantized)
     return quantized
 
 
