@@ -89,7 +89,19 @@ def dataset_arrays(model_name, split, limit, image_size):
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def export_columns(q, x_test, y_test, limit, exact_hard_swish=False):
+def divergence_summary(q, flatbuffer, graph, x):
+    """``tfq.export.verify.locate_divergence`` (XNNPACK arithmetic, every op fed Keras's codes) on
+    ``x``: how many ops were compared and the ones whose output differs from Keras anywhere."""
+    from tfq.export import verify
+    rows = verify.locate_divergence(q, flatbuffer, x, arithmetic="xnnpack", graph=graph)
+    differing = [{k: r[k] for k in ("op_index", "op", "layer", "differing", "beyond_one_step", "max_steps")}
+                 for r in rows if r["differing"] > 0]
+    return {"examples": int(len(x)), "ops_compared": len(rows), "ops_differing": differing,
+            "largest_share_differing": max([r["differing"] for r in rows], default=0.0),
+            "any_beyond_one_step": any(r["beyond_one_step"] > 0 for r in rows)}
+
+
+def export_columns(q, x_test, y_test, limit, exact_hard_swish=False, divergence=0):
     """Export a PTQ model: IntegerGraph accuracy on the first ``limit`` test images (exact: split
     layers become kernel-parts ops), TFLite (XNNPACK) accuracy on all of them (split layers
     re-quantized to plain int8, ``approximate_piecewise``), how many layers were split, and
@@ -101,9 +113,12 @@ def export_columns(q, x_test, y_test, limit, exact_hard_swish=False):
     graph = tflite.to_integer_graph(q, flatbuffer=flatbuffer)
     export_seconds = time.perf_counter() - start
     report = verify.verify(q, flatbuffer, x_test[:min(limit, 300)], graph=graph)
+    columns = {}
+    if divergence:
+        columns["divergence"] = divergence_summary(q, flatbuffer, graph, x_test[:divergence])
     parity = {runtime: report[runtime] for runtime in ("xnnpack", "reference", "integer_graph", "integer_graph_xnnpack")
               if runtime in report}
-    return {"split_layers": len(split), "kernel_parts_ops": len(graph.parts_ops()), "parity": parity,
+    return {**columns, "split_layers": len(split), "kernel_parts_ops": len(graph.parts_ops()), "parity": parity,
             "export_seconds": export_seconds, "int8_bytes": len(flatbuffer),
             "tflite_accuracy": runs.tflite_accuracy(flatbuffer, x_test, y_test),
             "tflite_is_approximate": bool(split),
@@ -132,6 +147,9 @@ def main(argv=None):
                              "for split layers) and exact IntegerGraph accuracy on the first N (0: no export)")
     parser.add_argument("--exact_hard_swish", action="store_true",
                         help="export hard-swish layers as exact int8 tables (to_tflite(exact_hard_swish=True))")
+    parser.add_argument("--divergence", type=int, default=0,
+                        help="with --export_limit: tfq.export.verify.locate_divergence on the first N test "
+                             "images (each op's own difference from Keras)")
     parser.add_argument("--no_snap", action="store_true",
                         help="pwlq(snap_for_export=False): biases off the int32 grid, exact hard swish in Keras")
     parser.add_argument("--out", default=os.path.join(RESULTS, "pwlq.json"))
@@ -178,7 +196,8 @@ def main(argv=None):
                                logits_mse=float(np.mean((logits - float_logits) ** 2)),
                                weight_memory_bits=float(costs.weight_memory(q)))
                     if args.export_limit:
-                        row.update(export_columns(q, x_test, y_test, args.export_limit, args.exact_hard_swish))
+                        row.update(export_columns(q, x_test, y_test, args.export_limit, args.exact_hard_swish,
+                                                  args.divergence))
                 except Exception as err:  # a variant that fails is a result, not a crash
                     row.update(error=describe_error(err))
                 save_row(results, row, args.out)
