@@ -451,3 +451,19 @@ def costs_grid(wrapper):
     from tfq import costs
     pairs = costs.weight_quantizers(wrapper)
     return type(pairs[0][1].integer_grid(pairs[0][2])).__name__ if pairs else None
+
+
+def test_uniform_group_model_exports_one_part_per_group(images):
+    """method="uniform", granularity="group": per input-channel group scales fit no per-output-channel
+    int8 kernel, so each layer becomes one kernel part per group in the IntegerGraph (which meets the
+    acceptance against Keras in XNNPACK arithmetic); plain TFLite names the layer and the groups."""
+    model = tfq.ptq.pwlq(tiny_net(), images[0], weight_bits=4, first_last_bits=None, method="uniform",
+                         granularity="group", group_size=4)
+    report, _, split = _parity(model, images, {"Conv2D", "Dense"})
+    assert {n: (s.groups, len(s.parts)) for n, (s, _) in split.items()} == {"quant_pw": (2, 2),
+                                                                             "quant_logits": (3, 3)}
+    g = report["integer_graph_xnnpack"]
+    assert g["within_one_step"] >= 0.999 and g["argmax_agreement"] >= 0.99, report
+    assert ver.passes(report)
+    with pytest.raises(tfl.ExportError, match="quant_pw: .*2 input-channel groups"):
+        tfl.to_tflite(model)

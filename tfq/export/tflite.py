@@ -305,6 +305,15 @@ def _fold_batch_norm(batch_norm, bias, kernels):
     return bias * factor + shift, folded
 
 
+def _needs_parts(grid, n_out):
+    """Whether a weight grid goes through ``piecewise_parts``: piecewise and shifted grids, and
+    uniform grids whose scales vary along input channels (PWLQ ``method="uniform",
+    granularity="group"``), which no single per-output-channel int8 kernel holds."""
+    if isinstance(grid, (PiecewiseGrid, ShiftedGrid)):
+        return True
+    return isinstance(grid, UniformGrid) and np.asarray(grid.scale).size not in (1, n_out)
+
+
 def fold_weights(wrapper, batch_norm=None, approximate_piecewise=False) -> FoldedWeights:
     """Codes of ``wrapper``'s fake-quantized kernel with ``batch_norm`` (a BN layer or None) folded.
 
@@ -315,7 +324,7 @@ def fold_weights(wrapper, batch_norm=None, approximate_piecewise=False) -> Folde
     inner, kind, grid, w_q = _quantized_kernel(wrapper)
     n_out = _output_channels(kind, w_q.shape)
     note = ""
-    if isinstance(grid, (PiecewiseGrid, ShiftedGrid)):
+    if _needs_parts(grid, n_out):
         parts, groups = piecewise_parts(grid, w_q, kind, name)
         if len(parts) == 1:
             codes, step = _to_channels_last(kind, parts[0].codes).astype(np.float64), parts[0].scale
@@ -359,7 +368,7 @@ def split_weights(wrapper, batch_norm=None) -> Optional[SplitWeights]:
     codes negated where gamma < 0, scales times ``|factor|``), or None when the layer is one int8
     convolution (not piecewise, or its parts merge into one)."""
     inner, kind, grid, w_q = _quantized_kernel(wrapper)
-    if not isinstance(grid, (PiecewiseGrid, ShiftedGrid)):
+    if not _needs_parts(grid, _output_channels(kind, w_q.shape)):
         return None
     parts, groups = piecewise_parts(grid, w_q, kind, wrapper.name)
     if len(parts) == 1:
