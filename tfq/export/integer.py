@@ -505,12 +505,18 @@ class TensorSpec:
 _KERNELS: Dict[str, Any] = {}
 
 
-def _kernel(*names):
-    def register(fn):
-        for n in names:
-            _KERNELS[n] = fn
-        return fn
-    return register
+def _registrar(table):
+    """A decorator factory registering a kernel function in ``table`` under one or more op names."""
+    def registrar(*names):
+        def register(fn):
+            for n in names:
+                table[n] = fn
+            return fn
+        return register
+    return registrar
+
+
+_kernel = _registrar(_KERNELS)
 
 
 class IntegerGraph:
@@ -1032,16 +1038,22 @@ def _conv2d_accumulator(graph, idx, op, x, w):
     return accumulate, cout
 
 
-@_kernel("CONV_2D")
-def _k_conv2d(graph, idx, op, args):
-    """``reference_integer_ops::ConvPerChannel`` (integer_ops/conv.h)."""
+def _reference_convolution(graph, idx, op, args, accumulator):
+    """A convolution's reference output from ``accumulator`` (``_conv2d_accumulator`` or
+    ``_depthwise_accumulator``): one requantized accumulator, or a kernel-parts op's exact sum."""
     x, w, b = args[0], args[1], args[2] if len(args) > 2 else None
     tout = _ts(graph, op, 0, out=True)
-    accumulate, cout = _conv2d_accumulator(graph, idx, op, x, w)
+    accumulate, cout = accumulator(graph, idx, op, x, w)
     if op["params"].get("parts"):
         return [_parts_output(graph, idx, op, [accumulate(w)] + [accumulate(graph.constants[t])
                                                                   for t in op["params"]["parts"]], b, tout)]
     return [_conv_output(graph, idx, op, accumulate(w), b, cout, tout)]
+
+
+@_kernel("CONV_2D")
+def _k_conv2d(graph, idx, op, args):
+    """``reference_integer_ops::ConvPerChannel`` (integer_ops/conv.h)."""
+    return _reference_convolution(graph, idx, op, args, _conv2d_accumulator)
 
 
 def _conv_output(graph, idx, op, acc, bias, cout, tout):
@@ -1157,13 +1169,7 @@ def _depthwise_accumulator(graph, idx, op, x, w):
 @_kernel("DEPTHWISE_CONV_2D")
 def _k_depthwise(graph, idx, op, args):
     """``reference_integer_ops::DepthwiseConvPerChannel`` (integer_ops/depthwise_conv.h)."""
-    x, w, b = args[0], args[1], args[2] if len(args) > 2 else None
-    tout = _ts(graph, op, 0, out=True)
-    accumulate, cout = _depthwise_accumulator(graph, idx, op, x, w)
-    if op["params"].get("parts"):
-        return [_parts_output(graph, idx, op, [accumulate(w)] + [accumulate(graph.constants[t])
-                                                                  for t in op["params"]["parts"]], b, tout)]
-    return [_conv_output(graph, idx, op, accumulate(w), b, cout, tout)]
+    return _reference_convolution(graph, idx, op, args, _depthwise_accumulator)
 
 
 def _fc_rows(graph, idx, op, x, depth):
@@ -1248,14 +1254,13 @@ def _add_sub(graph, idx, op, args, sign):
     return [_to_int8(np.clip(out, lo, hi))]
 
 
-@_kernel("ADD")
-def _k_add(graph, idx, op, args):
-    return _add_sub(graph, idx, op, args, 1)
+def _register_add_sub(register, add_sub):
+    """Register ``add_sub(graph, idx, op, args, sign)`` as the ADD (sign 1) and SUB (-1) kernels."""
+    for name, sign in (("ADD", 1), ("SUB", -1)):
+        register(name)(lambda graph, idx, op, args, sign=sign: add_sub(graph, idx, op, args, sign))
 
 
-@_kernel("SUB")
-def _k_sub(graph, idx, op, args):
-    return _add_sub(graph, idx, op, args, -1)
+_register_add_sub(_kernel, _add_sub)
 
 
 @_kernel("MUL")
@@ -1663,14 +1668,7 @@ def _k_strided_slice(graph, idx, op, args):
 ARITHMETICS = ("reference", "xnnpack")
 _F32 = np.float32
 _XNNPACK_KERNELS: Dict[str, Any] = {}
-
-
-def _xnnpack_kernel(*names):
-    def register(fn):
-        for n in names:
-            _XNNPACK_KERNELS[n] = fn
-        return fn
-    return register
+_xnnpack_kernel = _registrar(_XNNPACK_KERNELS)
 
 
 def _check_arithmetic(arithmetic):
@@ -1811,14 +1809,7 @@ def _xnn_add_sub(graph, idx, op, args, sign):
     return [_to_int8(np.clip((acc >> cache["xnn_shift"]) + tout.z, lo, hi))]
 
 
-@_xnnpack_kernel("ADD")
-def _x_add(graph, idx, op, args):
-    return _xnn_add_sub(graph, idx, op, args, 1)
-
-
-@_xnnpack_kernel("SUB")
-def _x_sub(graph, idx, op, args):
-    return _xnn_add_sub(graph, idx, op, args, -1)
+_register_add_sub(_xnnpack_kernel, _xnn_add_sub)
 
 
 @_xnnpack_kernel("MEAN")
