@@ -167,3 +167,12 @@ def test_snapped_hard_swish_refuses_export_after_its_grids_moved():
         tfl.to_tflite(q)
     tfl.snap_hard_swish(q)
     assert "HARD_SWISH" in _run(tfl.to_tflite(q), CODES, "xnnpack")[3]
+
+
+def test_training_snap_also_snaps_hard_swish():
+    """``tfq.train.snap_biases_for_export`` (what ``tfq train`` and the benchmarks call after
+    fine-tuning) snaps hard-swish layers onto TFLite's kernel too, and says how many codes moved."""
+    q, _ = _hard_swish_model(0.0259, -114)
+    snap = tfq.train.snap_biases_for_export(q)
+    assert snap["hard_swish_layers"] == 1 and snap["hard_swish_codes_moved"] == 2 and snap["changed"]
+    assert isinstance(q.get_layer("quant_act").layer.activation, tfl.TFLiteHardSwish)
