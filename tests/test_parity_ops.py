@@ -147,7 +147,9 @@ def test_snap_hard_swish_makes_keras_equal_tflite_hard_swish_on_every_input_code
     path = tfq_tmp_h5(q)
     with tfq.quantize_scope():
         loaded = keras.models.load_model(path, compile=False)
+        rebuilt = keras.layers.Activation.from_config(inner.get_config())  # the new-style config path
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), after)
+    np.testing.assert_array_equal(rebuilt(x).numpy(), inner(x).numpy())
 
 
 def tfq_tmp_h5(model):

@@ -744,6 +744,10 @@ class TFLiteHardSwish:
         return {"input_scale": self.input_scale, "input_zero_point": self.input_zero_point,
                 "output_scale": self.output_scale, "output_zero_point": self.output_zero_point}
 
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
 
 def _hard_swish_grids(view, name):
     """(s_in, z_in, s_out, z_out) of a hard-swish layer's int8 input and output tensors, or None."""
