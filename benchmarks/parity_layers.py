@@ -16,7 +16,8 @@ codes differ, the share more than one step apart, the largest difference in step
 compare a Keras tensor the integer model does not hold). Under XNNPACK the expected differences
 are HARD_SWISH (TFLite's fixed point, 1-2 of 256 input codes unless ``--exact_hard_swish``) and
 convolution outputs within ~1e-5 of a rounding tie, where Keras's float32 sum lands on the other
-side (about 1 value in 10^5).
+side (about 1 value in 10^5). ``--ties`` analyses those: how many distinct exact values they hold
+(constant image regions repeat one accumulator) and whether XNNPACK rounds like the exact value.
 """
 from __future__ import annotations
 
@@ -30,16 +31,50 @@ from tfq.export import runs, tflite, verify
 ARITHMETIC_CHOICES = ("xnnpack", "reference", "both")
 
 
-def _match(layer_name, tensor_name, model_name, names):
-    """The earlier name rule (kept for scripts that import it; ``verify.layer_tensors`` supersedes
-    it): a folded BatchNorm's tensor is its convolution's ``add``; other layers' tensors carry the
-    layer name as a path component."""
-    first = tensor_name.split(";")[0]
-    if layer_name.endswith("_bn"):
-        return first.startswith(f"{model_name}/{layer_name[:-3]}/add")
-    if f"{layer_name}_bn" in names:
-        return False
-    return f"/{layer_name}/" in first + "/"
+def tie_rows(model, flatbuffer, graph, x):
+    """For every convolution whose XNNPACK output differs from Keras with teacher forcing: how many
+    values differ, how many distinct exact values they hold (repeats come from constant image
+    regions: identical receptive fields give identical accumulators), the exact value's distance to
+    the rounding tie (accumulator times the float64 multiplier of the float32 scales), and whether
+    XNNPACK rounds like the exact value."""
+    import numpy as np
+    from tfq.export import integer
+    keras = __import__("tf_keras")
+    matched = verify.layer_tensors(model, graph)
+    order = sorted(matched, key=lambda t: next(i for i, op in enumerate(graph.ops) if t in op["outputs"]))
+    probe = keras.Model(model.inputs, [verify._layer_output(model, matched[t]) for t in order])
+    keras_out = dict(zip(order, probe.predict(x, verbose=0)))
+    spec_in = graph.tensors[graph.inputs[0]]
+    env = {**graph.constants, graph.inputs[0]: verify.quantize_input(
+        x, {"quantization": (spec_in.s, spec_in.z), "dtype": np.dtype(spec_in.dtype).type})}
+    accumulators = {"CONV_2D": integer._conv2d_accumulator, "DEPTHWISE_CONV_2D": integer._depthwise_accumulator}
+    rows = []
+    for idx, op in enumerate(graph.ops):
+        out = op["outputs"][0]
+        result = graph.run_op(idx, env, arithmetic="xnnpack")[0]
+        env[out] = result
+        if out not in keras_out:
+            continue
+        spec = graph.tensors[out]
+        keras_codes = np.round(keras_out[out].reshape(result.shape) / spec.s + spec.z)
+        differ = keras_codes != result
+        if op["op"] in accumulators and differ.any() and not op["params"].get("parts"):
+            tin, tw = graph.tensors[op["inputs"][0]], graph.tensors[op["inputs"][1]]
+            weights = graph.constants[op["inputs"][1]]
+            accumulate, cout = accumulators[op["op"]](graph, idx, op, env[op["inputs"][0]], weights)
+            acc = accumulate(weights)
+            if len(op["inputs"]) > 2 and op["inputs"][2] >= 0:
+                acc = acc + graph.constants[op["inputs"][2]]
+            s_w = tw.scale.astype(np.float64) if tw.scale.size > 1 else np.repeat(tw.scale.astype(np.float64), cout)
+            exact = (acc * (np.float64(tin.s) * s_w / np.float64(spec.s)) + spec.z)[differ]
+            values, counts = np.unique(np.round(exact, 6), return_counts=True)
+            rows.append({"op_index": idx, "op": op["op"], "layer": matched[out].name, "differing": int(differ.sum()),
+                         "values": int(differ.size), "distinct_exact_values": int(len(values)),
+                         "largest_repeat": int(counts.max()),
+                         "max_distance_to_tie": float(np.max(np.abs(exact - np.floor(exact) - 0.5))),
+                         "xnnpack_rounds_like_exact": bool(np.all(result[differ] == np.round(exact)))})
+        env[out] = keras_codes.astype(result.dtype)
+    return rows
 
 
 def format_rows(rows, arithmetic):
@@ -61,6 +96,8 @@ def main(argv=None):
                         help="export hard-swish layers as exact int8 tables (to_tflite(exact_hard_swish=True))")
     parser.add_argument("--arithmetic", choices=ARITHMETIC_CHOICES, default="both",
                         help="IntegerGraph arithmetic: xnnpack (LiteRT's default runtime), reference, or both")
+    parser.add_argument("--ties", action="store_true",
+                        help="also analyse the convolution outputs that differ under XNNPACK (tie_rows)")
     args = parser.parse_args(argv)
     if args.examples < 1:
         parser.error(f"--examples must be a positive integer, got {args.examples}")
@@ -72,6 +109,13 @@ def main(argv=None):
     for arithmetic in arithmetics:
         rows = verify.locate_divergence(model, flatbuffer, x, arithmetic=arithmetic, graph=graph)
         print(format_rows(rows, arithmetic))
+    if args.ties:
+        print("--- convolution outputs that differ under XNNPACK (teacher forced) ---")
+        for r in tie_rows(model, flatbuffer, graph, x):
+            print(f"{r['op_index']:4d} {r['op'][:18]:18s} {r['layer'][:30]:30s} {r['differing']:6d} of {r['values']:8d}: "
+                  f"{r['distinct_exact_values']} distinct exact value(s), largest repeat {r['largest_repeat']}, "
+                  f"exact within {r['max_distance_to_tie']:.1e} steps of a tie, XNNPACK rounds like the exact value: "
+                  f"{r['xnnpack_rounds_like_exact']}")
     return 0
 
 
