@@ -41,6 +41,8 @@ flags.DEFINE_string("callback_options", None, "train: JSON options of the method
 flags.DEFINE_string("cache_dir", None, "float checkpoint cache (default RUN_DIR/cache)")
 flags.DEFINE_integer("bn_reestimate_examples", 1024, "train (= tfq.train.BN_REESTIMATE_EXAMPLES): re-estimate the BatchNorm statistics from this many "
                      "training examples after fine-tuning (tfq.train.reestimate_batch_norm; 0: keep them)")
+flags.DEFINE_integer("tie_guard_examples", 256, "train (= tfq.train.TIE_GUARD_EXAMPLES): move biases away from "
+                     "rounding ties these training examples hit, after the snaps (tfq.export.guard_ties; 0: off)")
 flags.DEFINE_integer("bias_grid_steps", 0, "train: steps of fine-tuning with BatchNorm frozen and biases kept on "
                      "the int32 export grid after the epochs (tfq.train.finetune_on_bias_grid; 0: snap only)")
 # export
@@ -102,7 +104,8 @@ def _train(args):
                         epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, learning_rate=FLAGS.learning_rate,
                         seed=FLAGS.seed, limit=FLAGS.limit, cache_dir=FLAGS.cache_dir,
                         bias_grid_steps=FLAGS.bias_grid_steps,
-                        bn_reestimate_examples=FLAGS.bn_reestimate_examples, **options)
+                        bn_reestimate_examples=FLAGS.bn_reestimate_examples,
+                        tie_guard_examples=FLAGS.tie_guard_examples, **options)
     print(f"\n{FLAGS.model} on {FLAGS.dataset}: float accuracy {metrics['float_accuracy']:.4f}, "
           f"{FLAGS.method} W{FLAGS.weight_bits}A{FLAGS.activation_bits} accuracy "
           f"{metrics['quantized_accuracy']:.4f}; run directory {FLAGS.run_dir} "

@@ -197,22 +197,30 @@ def reestimate_batch_norm(model, images, batch_size=256):
     return len(layers)
 
 
-def snap_biases_for_export(model):
-    """``tfq.export.snap_biases`` (biases onto the integer model's int32 grid) and
-    ``tfq.export.snap_hard_swish`` (hard swish as TFLite's int8 kernel computes it), so the saved
-    Keras model computes what its export computes; a model that cannot be exported keeps its biases
-    and the returned dict says why."""
-    from tfq.export.tflite import ExportError, snap_biases, snap_hard_swish
+#: training examples ``run`` gives ``tfq.export.guard_ties`` after the snaps (0: no tie guard)
+TIE_GUARD_EXAMPLES = 256
+
+
+def snap_biases_for_export(model, tie_guard_images=None):
+    """``tfq.export.snap_biases`` (biases onto the integer model's int32 grid),
+    ``tfq.export.snap_hard_swish`` (hard swish as TFLite's int8 kernel computes it) and, given
+    ``tie_guard_images``, ``tfq.export.guard_ties`` (biases a whole accumulator step away from rounding
+    ties those images hit), so the saved Keras model computes what its export computes; a model that
+    cannot be exported keeps its biases and the returned dict says why."""
+    from tfq.export.tflite import ExportError, guard_ties, snap_biases, snap_hard_swish
     try:
         rows = snap_biases(model)
     except ExportError as err:
         return {"changed": False, "error": str(err)}
     hard_swish = [r for r in snap_hard_swish(model) if r["changed"]]
+    guarded = guard_ties(model, tie_guard_images) if tie_guard_images is not None and len(tie_guard_images) else []
     moved = [r["max_output_steps"] for r in rows if r.get("max_output_steps") is not None]
-    return {"changed": any(r["changed"] for r in rows) or bool(hard_swish), "layers": len(rows),
+    return {"changed": any(r["changed"] for r in rows) or bool(hard_swish) or bool(guarded), "layers": len(rows),
             "max_output_steps_moved": max(moved) if moved else 0.0,
             "hard_swish_layers": len(hard_swish),
-            "hard_swish_codes_moved": sum(r["codes_moved"] for r in hard_swish)}
+            "hard_swish_codes_moved": sum(r["codes_moved"] for r in hard_swish),
+            "tie_guard_examples": 0 if tie_guard_images is None else int(len(tie_guard_images)),
+            "tie_guard_channels_moved": sum(r["channels_moved"] for r in guarded)}
 
 
 def finetune_on_bias_grid(model, dataset, steps, learning_rate=1e-4, batch_size=128, seed=0, limit=None,
@@ -257,16 +265,18 @@ BN_REESTIMATE_EXAMPLES = 1024
 def run(run_dir, dataset="fashion_mnist", model="mobile_swish", method="lsq+", weight_bits=4,
         activation_bits=4, float_epochs=3, epochs=2, batch_size=128, learning_rate=5e-4, seed=0,
         limit=None, cache_dir=None, verbose=1, callback_options=None, bias_grid_steps=0,
-        bn_reestimate_examples=BN_REESTIMATE_EXAMPLES, **method_options):
+        bn_reestimate_examples=BN_REESTIMATE_EXAMPLES, tie_guard_examples=TIE_GUARD_EXAMPLES, **method_options):
     """The main job (see module docstring). Returns the metrics dict. ``callback_options`` go to
     the method's training callbacks (``tfq.schemes.training_callbacks``); ``bn_reestimate_examples``
     > 0 (default ``BN_REESTIMATE_EXAMPLES``) re-estimates the BatchNorm statistics from that many
     training examples after fine-tuning (``reestimate_batch_norm``; 0 keeps the trained moving
-    averages); ``bias_grid_steps`` > 0 adds ``finetune_on_bias_grid`` for that many steps after that
+    averages); ``tie_guard_examples`` > 0 (default ``TIE_GUARD_EXAMPLES``) runs
+    ``tfq.export.guard_ties`` on that many training examples after the snaps; ``bias_grid_steps`` > 0 adds ``finetune_on_bias_grid`` for that many steps after that
     (0: snap only)."""
     _check_count(bn_reestimate_examples, 0,
                  "bn_reestimate_examples must be an integer >= 0 (0: keep the trained statistics)")
     _check_count(bias_grid_steps, 0, "bias_grid_steps must be an integer >= 0 (0: no bias-grid phase)")
+    _check_count(tie_guard_examples, 0, "tie_guard_examples must be an integer >= 0 (0: no tie guard)")
     os.makedirs(run_dir, exist_ok=True)
     start = time.perf_counter()
     net, cache_path = float_model(dataset, model, float_epochs, batch_size, seed=seed, limit=limit,
@@ -284,7 +294,9 @@ def run(run_dir, dataset="fashion_mnist", model="mobile_swish", method="lsq+", w
         images = tfq_data.load_numpy(dataset, "train", limit=int(bn_reestimate_examples))[0]
         batch_norm["layers"] = reestimate_batch_norm(q, images)
     unsnapped_acc = evaluate(q, dataset)
-    snap = snap_biases_for_export(q)
+    guard_images = (tfq_data.load_numpy(dataset, "train", limit=int(tie_guard_examples))[0]
+                    if tie_guard_examples else None)
+    snap = snap_biases_for_export(q, guard_images)
     quant_acc = evaluate(q, dataset) if snap["changed"] else unsnapped_acc
     bias_grid = {"steps": int(bias_grid_steps), "accuracy_after_snap_without_phase": quant_acc}
     if bias_grid_steps and "error" not in snap:

@@ -1,6 +1,6 @@
 """Export of tfq models: TFLite, integer graphs, parity reports and on-device latency.
 
-``to_tflite``, ``to_integer_graph``, ``snap_biases``, ``snap_hard_swish``, ``verify``, ``locate_divergence``, ``export_report`` and ``benchmark`` are the public
+``to_tflite``, ``to_integer_graph``, ``snap_biases``, ``snap_hard_swish``, ``guard_ties``, ``verify``, ``locate_divergence``, ``export_report`` and ``benchmark`` are the public
 entry points (see ARCHITECTURE.md); submodules load lazily so ``import tfq.export`` stays cheap.
 """
 import importlib as _importlib
@@ -8,7 +8,8 @@ import importlib as _importlib
 _API = {"to_tflite": "tfq.export.tflite", "export_report": "tfq.export.tflite", "ExportError": "tfq.export.tflite",
         "verify": "tfq.export.verify", "IntegerGraph": "tfq.export.integer", "benchmark": "tfq.export.bench",
         "to_integer_graph": "tfq.export.tflite", "snap_biases": "tfq.export.tflite",
-        "snap_hard_swish": "tfq.export.tflite", "locate_divergence": "tfq.export.verify"}
+        "snap_hard_swish": "tfq.export.tflite", "locate_divergence": "tfq.export.verify",
+        "guard_ties": "tfq.export.tflite"}
 
 
 def __getattr__(name):

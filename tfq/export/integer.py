@@ -1179,6 +1179,21 @@ def _fc_rows(graph, idx, op, x, depth):
     return x.reshape(-1, depth).astype(np.float64) - _ts(graph, op, 0).z
 
 
+def accumulator(graph, idx, op, tensors):
+    """The exact accumulator ``sum w (x - z_in)`` (no bias) of op ``idx``, a CONV_2D,
+    DEPTHWISE_CONV_2D or FULLY_CONNECTED, from ``tensors`` (ids -> arrays; constants from the graph):
+    int64 values, output channels last."""
+    x = tensors[op["inputs"][0]]
+    w = graph.constants.get(op["inputs"][1], tensors.get(op["inputs"][1]))
+    if op["op"] == "FULLY_CONNECTED":
+        return _fc_accumulator(graph, op, _fc_rows(graph, idx, op, x, w.shape[1]), w, None)
+    if op["op"] not in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+        raise IntegerGraphError(f"op #{idx} {op['op']} has no weight accumulator")
+    build = _conv2d_accumulator if op["op"] == "CONV_2D" else _depthwise_accumulator
+    accumulate, _ = build(graph, idx, op, x, w)
+    return accumulate(w).astype(np.int64)
+
+
 def _fc_accumulator(graph, op, x2, w, b):
     """int32 accumulator ``sum (w - z_w)(x - z_in) + bias`` of FULLY_CONNECTED ([rows, units], int64
     holding int32 values); ``z_w`` is applied for per-tensor weights only, as in TFLite."""

@@ -961,6 +961,98 @@ def snap_biases(model, int4_weights=False):
     return rows
 
 
+#: ``guard_ties``: exact outputs closer than this (in output steps) to a rounding tie count as at
+#: risk; Keras's float32 forward was measured up to ~1.4e-5 steps off the exact value
+TIE_MARGIN = 1e-4
+_NUDGES = (0, -1, 1, -2, 2)  # bias moves tried, in accumulator steps, smallest first
+
+
+def _bias_target(layer):
+    """The variable whose value moves a weighted layer's output (a BatchNorm's beta or the layer's own
+    bias), or None."""
+    inner = costs.inner_layer(layer)
+    if type(inner).__name__ == "BatchNormalization":
+        return inner.beta if getattr(inner, "center", True) else None
+    return inner.bias if getattr(inner, "use_bias", False) else None
+
+
+def guard_ties(model, x, margin=TIE_MARGIN, int4_weights=False):
+    """Move biases by whole accumulator steps away from rounding ties that examples ``x`` hit, in place.
+
+    Keras's float32 forward and the integer model round the same exact value differently when it lies
+    within ~1e-5 output steps of a tie. Constant image regions repeat one accumulator over many
+    positions, so one such value can flip a whole region, and coarse grids downstream amplify it
+    (docs/export.md, parity). This runs the IntegerGraph (XNNPACK arithmetic) over ``x`` in graph
+    order; for each convolution / fully-connected output channel it counts exact values within
+    ``margin`` steps of a tie and, if there are any, picks the bias move of 0, -1, +1, -2 or +2
+    accumulator steps that leaves the fewest (the smallest move on equal counts). The move is made in
+    Keras (BatchNorm beta or layer bias, so the bias stays on the int32 grid ``snap_biases`` made) and in
+    the graph, and the pass goes on from the moved output. Call it after ``snap_biases`` (and with the
+    same ``int4_weights``). Returns one row per layer moved: channels moved, values at risk before and
+    after.
+    """
+    from tfq.export import verify
+    from tfq.export.integer import PARTS_OPS
+    if not (isinstance(margin, (int, float)) and 0 < margin < 0.5):
+        raise ValueError(f"margin must be in (0, 0.5) output steps, got {margin!r}")
+    flatbuffer = to_tflite(model, int4_weights=int4_weights)
+    graph = to_integer_graph(model, flatbuffer=flatbuffer)
+    holders = verify.layer_tensors(model, graph)
+    spec_in = graph.tensors[graph.inputs[0]]
+    env = {**graph.constants, graph.inputs[0]: verify.quantize_input(
+        x, {"quantization": (spec_in.s, spec_in.z) if spec_in.quantized else (0.0, 0),
+            "dtype": np.dtype(spec_in.dtype).type})}
+    rows = []
+    for idx, op in enumerate(graph.ops):
+        out = op["outputs"][0]
+        layer = holders.get(out)
+        movable = (op["op"] in PARTS_OPS and not op["params"].get("parts") and len(op["inputs"]) > 2
+                   and op["inputs"][2] >= 0 and layer is not None and _bias_target(layer) is not None)
+        if movable:
+            row = _guard_op(graph, idx, op, env, layer, margin)
+            if row is not None:
+                rows.append(row)
+        env.update(zip(op["outputs"], graph.run_op(idx, env, arithmetic="xnnpack")))
+    if rows:
+        for attr in ("predict_function", "train_function", "test_function"):
+            setattr(model, attr, None)
+    return rows
+
+
+def _guard_op(graph, idx, op, env, layer, margin):
+    """``guard_ties`` for one op: exact outputs from the int32 accumulator, chosen moves applied."""
+    from tfq.export.integer import accumulator
+    bias_id = op["inputs"][2]
+    bias = np.asarray(graph.constants[bias_id]).astype(np.int64)
+    tin, tw, tout = (graph.tensors[op["inputs"][0]], graph.tensors[op["inputs"][1]], graph.tensors[op["outputs"][0]])
+    acc = accumulator(graph, idx, op, env)                # [..., n_out] exact sums, no bias
+    n_out = acc.shape[-1]
+    s_w = tw.scale.astype(np.float64) if tw.scale.size > 1 else np.repeat(tw.scale.astype(np.float64), n_out)
+    step = np.float64(tin.s) * s_w / np.float64(tout.s)  # one accumulator step in output steps
+    flat = acc.reshape(-1, n_out)
+    moves = np.zeros(n_out, np.int64)
+    before = after = 0
+    for c in range(n_out):
+        def at_risk(d):
+            v = (flat[:, c] + bias[c] + d) * step[c]
+            return int(np.sum(np.abs(v - np.floor(v) - 0.5) < margin))
+        risk = {d: at_risk(d) for d in _NUDGES}
+        before += risk[0]
+        best = min(_NUDGES, key=lambda d: (risk[d], abs(d)))
+        after += risk[best]
+        moves[c] = best
+    if not moves.any():
+        return None
+    graph.constants[bias_id] = (bias + moves).astype(graph.constants[bias_id].dtype)
+    graph._cache.pop(idx, None)
+    target = _bias_target(layer)
+    real_step = np.float64(tin.s) * s_w  # one accumulator step in the layer's output units
+    target.assign((target.numpy().astype(np.float64) + moves * real_step).astype(np.float32))
+    return {"layer": layer.name, "op_index": idx, "channels_moved": int(np.count_nonzero(moves)),
+            "largest_move_steps": int(np.max(np.abs(moves))), "values_at_risk_before": before,
+            "values_at_risk_after": after}
+
+
 def export_report(model, int4_weights=False, exact_hard_swish=False, approximate_piecewise=False) -> List[Dict[str, Any]]:
     """Per layer/tensor: grid, bits and what export did (BN folding, zero points, tables, the
     approximation of split piecewise kernels)."""

@@ -20,8 +20,9 @@
    and integer offset are set from the calibration bounds, so ``predict``, ``tfq.costs``,
    export and ``tfq.quantize_scope()`` loading treat it like a trained model;
 6. every bias is snapped onto the int32 grid of the exported integer model and hard-swish layers
-   onto TFLite's int8 kernel (``tfq.export.snap_biases``, ``snap_hard_swish``;
-   ``snap_for_export=False`` skips both).
+   onto TFLite's int8 kernel, and biases move away from rounding ties the calibration examples hit
+   (``tfq.export.snap_biases``, ``snap_hard_swish``, ``guard_ties``; ``snap_for_export=False`` skips
+   them).
 
 Each wrapped layer's kernel holds its quantized (bias-corrected) values, which lie on the
 quantizer's grid: the forward returns them unchanged, and ``integer_grid`` re-quantizes them
@@ -273,6 +274,10 @@ def _calibrate(float_model, quantized, batches, plans):
 
 # --- the API -------------------------------------------------------------------------------
 
+#: calibration examples ``pwlq`` gives ``tfq.export.guard_ties`` (``snap_for_export``)
+TIE_GUARD_CALIBRATION_EXAMPLES = 256
+
+
 def pwlq(model, calibration_data, weight_bits=4, activation_bits=8, breakpoint="gaussian",
          granularity="channel", bias_correction=True, bits_mean="piece", method="pwlq",
          first_last_bits=8, integer_tail_ratio=False, group_size=None, batch_size=64, snap_for_export=True):
@@ -297,9 +302,11 @@ def pwlq(model, calibration_data, weight_bits=4, activation_bits=8, breakpoint="
         codes within int8, so each layer exports as one int8 convolution (method "pwlq").
       batch_size: batch size used to split an array of calibration examples.
       snap_for_export: step 6: move every (bias-corrected) bias onto the int32 grid the exported
-        integer model adds (``tfq.export.snap_biases``) and make hard-swish layers compute TFLite's
-        int8 kernel (``tfq.export.snap_hard_swish``), so Keras computes what TFLite computes (parity
-        figures in docs/pwlq.md). False keeps the model as bias correction left it.
+        integer model adds (``tfq.export.snap_biases``), make hard-swish layers compute TFLite's
+        int8 kernel (``tfq.export.snap_hard_swish``) and move biases away from the rounding ties the
+        first ``TIE_GUARD_CALIBRATION_EXAMPLES`` calibration examples hit (``tfq.export.guard_ties``),
+        so Keras computes what TFLite computes (parity figures in docs/pwlq.md). False keeps the
+        model as bias correction left it.
 
     Returns the quantized model (tfmot wrappers; load with ``tfq.quantize_scope()``).
     """
@@ -370,13 +377,14 @@ def pwlq(model, calibration_data, weight_bits=4, activation_bits=8, breakpoint="
             if inner.name in shift_means:
                 inner.bias.assign(inner.bias.numpy() + shift_means[inner.name].astype(np.float32))
     if snap_for_export:
-        from tfq.export.tflite import ExportError, snap_biases, snap_hard_swish
+        from tfq.export.tflite import ExportError, guard_ties, snap_biases, snap_hard_swish
         try:
             snap_biases(quantized)
         except ExportError as err:
             raise ExportError(f"pwlq(snap_for_export=True): {err}; pass snap_for_export=False for a model you "
                               "will not export") from err
         snap_hard_swish(quantized)
+        guard_ties(quantized, np.concatenate(batches)[:TIE_GUARD_CALIBRATION_EXAMPLES])
     return quantized
 
 
