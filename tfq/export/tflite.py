@@ -995,8 +995,7 @@ def guard_ties(model, x, margin=TIE_MARGIN, int4_weights=False):
     from tfq.export.integer import PARTS_OPS
     if not (isinstance(margin, (int, float)) and 0 < margin < 0.5):
         raise ValueError(f"margin must be in (0, 0.5) output steps, got {margin!r}")
-    flatbuffer = to_tflite(model, int4_weights=int4_weights)
-    graph = to_integer_graph(model, flatbuffer=flatbuffer)
+    graph = to_integer_graph(model, int4_weights=int4_weights)  # split PWLQ layers as exact parts (left alone)
     holders = verify.layer_tensors(model, graph)
     spec_in = graph.tensors[graph.inputs[0]]
     env = {**graph.constants, graph.inputs[0]: verify.quantize_input(
