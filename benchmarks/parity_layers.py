@@ -44,10 +44,7 @@ def tie_rows(model, flatbuffer, graph, x):
     order = sorted(matched, key=lambda t: next(i for i, op in enumerate(graph.ops) if t in op["outputs"]))
     probe = keras.Model(model.inputs, [verify._layer_output(model, matched[t]) for t in order])
     keras_out = dict(zip(order, probe.predict(x, verbose=0)))
-    spec_in = graph.tensors[graph.inputs[0]]
-    env = {**graph.constants, graph.inputs[0]: verify.quantize_input(
-        x, {"quantization": (spec_in.s, spec_in.z), "dtype": np.dtype(spec_in.dtype).type})}
-    accumulators = {"CONV_2D": integer._conv2d_accumulator, "DEPTHWISE_CONV_2D": integer._depthwise_accumulator}
+    env = {**graph.constants, graph.inputs[0]: verify.graph_input(graph, x)}
     rows = []
     for idx, op in enumerate(graph.ops):
         out = op["outputs"][0]
@@ -58,15 +55,12 @@ def tie_rows(model, flatbuffer, graph, x):
         spec = graph.tensors[out]
         keras_codes = np.round(keras_out[out].reshape(result.shape) / spec.s + spec.z)
         differ = keras_codes != result
-        if op["op"] in accumulators and differ.any() and not op["params"].get("parts"):
-            tin, tw = graph.tensors[op["inputs"][0]], graph.tensors[op["inputs"][1]]
-            weights = graph.constants[op["inputs"][1]]
-            accumulate, cout = accumulators[op["op"]](graph, idx, op, env[op["inputs"][0]], weights)
-            acc = accumulate(weights)
+        if op["op"] in ("CONV_2D", "DEPTHWISE_CONV_2D") and differ.any() and not op["params"].get("parts"):
+            acc = integer.accumulator(graph, idx, op, env)
             if len(op["inputs"]) > 2 and op["inputs"][2] >= 0:
                 acc = acc + graph.constants[op["inputs"][2]]
-            s_w = tw.scale.astype(np.float64) if tw.scale.size > 1 else np.repeat(tw.scale.astype(np.float64), cout)
-            exact = (acc * (np.float64(tin.s) * s_w / np.float64(spec.s)) + spec.z)[differ]
+            step = integer.accumulator_steps(graph, op, acc.shape[-1]) / np.float64(spec.s)
+            exact = (acc * step + spec.z)[differ]
             values, counts = np.unique(np.round(exact, 6), return_counts=True)
             rows.append({"op_index": idx, "op": op["op"], "layer": matched[out].name, "differing": int(differ.sum()),
                          "values": int(differ.size), "distinct_exact_values": int(len(values)),

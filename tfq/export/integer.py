@@ -1194,6 +1194,13 @@ def accumulator(graph, idx, op, tensors):
     return accumulate(w).astype(np.int64)
 
 
+def accumulator_steps(graph, op, n_out):
+    """Real value of one accumulator unit of a weighted op, per output channel: ``s_in * s_w[c]``
+    (float64 of the float32 scales)."""
+    s_w = graph.tensors[op["inputs"][1]].scale.astype(np.float64)
+    return np.float64(graph.tensors[op["inputs"][0]].s) * (s_w if s_w.size > 1 else np.repeat(s_w, n_out))
+
+
 def _fc_accumulator(graph, op, x2, w, b):
     """int32 accumulator ``sum (w - z_w)(x - z_in) + bias`` of FULLY_CONNECTED ([rows, units], int64
     holding int32 values); ``z_w`` is applied for per-tensor weights only, as in TFLite."""

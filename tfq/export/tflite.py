@@ -997,10 +997,7 @@ def guard_ties(model, x, margin=TIE_MARGIN, int4_weights=False):
         raise ValueError(f"margin must be in (0, 0.5) output steps, got {margin!r}")
     graph = to_integer_graph(model, int4_weights=int4_weights)  # split PWLQ layers as exact parts (left alone)
     holders = verify.layer_tensors(model, graph)
-    spec_in = graph.tensors[graph.inputs[0]]
-    env = {**graph.constants, graph.inputs[0]: verify.quantize_input(
-        x, {"quantization": (spec_in.s, spec_in.z) if spec_in.quantized else (0.0, 0),
-            "dtype": np.dtype(spec_in.dtype).type})}
+    env = {**graph.constants, graph.inputs[0]: verify.graph_input(graph, x)}
     rows = []
     for idx, op in enumerate(graph.ops):
         out = op["outputs"][0]
@@ -1012,22 +1009,18 @@ def guard_ties(model, x, margin=TIE_MARGIN, int4_weights=False):
             if row is not None:
                 rows.append(row)
         env.update(zip(op["outputs"], graph.run_op(idx, env, arithmetic="xnnpack")))
-    if rows:
-        for attr in ("predict_function", "train_function", "test_function"):
-            setattr(model, attr, None)
     return rows
 
 
 def _guard_op(graph, idx, op, env, layer, margin):
     """``guard_ties`` for one op: exact outputs from the int32 accumulator, chosen moves applied."""
-    from tfq.export.integer import accumulator
+    from tfq.export.integer import accumulator, accumulator_steps
     bias_id = op["inputs"][2]
     bias = np.asarray(graph.constants[bias_id]).astype(np.int64)
-    tin, tw, tout = (graph.tensors[op["inputs"][0]], graph.tensors[op["inputs"][1]], graph.tensors[op["outputs"][0]])
     acc = accumulator(graph, idx, op, env)                # [..., n_out] exact sums, no bias
     n_out = acc.shape[-1]
-    s_w = tw.scale.astype(np.float64) if tw.scale.size > 1 else np.repeat(tw.scale.astype(np.float64), n_out)
-    step = np.float64(tin.s) * s_w / np.float64(tout.s)  # one accumulator step in output steps
+    real_step = accumulator_steps(graph, op, n_out)       # one accumulator step in the layer's output units
+    step = real_step / np.float64(graph.tensors[op["outputs"][0]].s)  # ... and in output steps
     flat = acc.reshape(-1, n_out)
     moves = np.zeros(n_out, np.int64)
     before = after = 0
@@ -1045,7 +1038,6 @@ def _guard_op(graph, idx, op, env, layer, margin):
     graph.constants[bias_id] = (bias + moves).astype(graph.constants[bias_id].dtype)
     graph._cache.pop(idx, None)
     target = _bias_target(layer)
-    real_step = np.float64(tin.s) * s_w  # one accumulator step in the layer's output units
     target.assign((target.numpy().astype(np.float64) + moves * real_step).astype(np.float32))
     return {"layer": layer.name, "op_index": idx, "channels_moved": int(np.count_nonzero(moves)),
             "largest_move_steps": int(np.max(np.abs(moves))), "values_at_risk_before": before,

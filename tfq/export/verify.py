@@ -27,6 +27,13 @@ def quantize_input(x, detail):
     return np.asarray(x, detail["dtype"])
 
 
+def graph_input(graph, x):
+    """Float inputs ``x`` as the codes of ``graph``'s (single) input tensor (``quantize_input``)."""
+    spec = graph.tensors[graph.inputs[0]]
+    return quantize_input(x, {"quantization": (spec.s, spec.z) if spec.quantized else (0.0, 0),
+                              "dtype": np.dtype(spec.dtype).type})
+
+
 def run_tflite(flatbuffer, x, reference=False):
     """Outputs of a single-input, single-output TFLite model, one example at a time (batch 1)."""
     interp = _interpreter(flatbuffer, reference)
@@ -237,9 +244,6 @@ def locate_divergence(model, flatbuffer, x, arithmetic="xnnpack", graph=None, ba
     matched = layer_tensors(model, graph)
     order = sorted(matched, key=lambda t: next(i for i, op in enumerate(graph.ops) if t in op["outputs"]))
     probe = keras.Model(model.inputs, [_layer_output(model, matched[t]) for t in order])
-    spec_in = graph.tensors[graph.inputs[0]]
-    detail = {"quantization": (spec_in.s, spec_in.z) if spec_in.quantized else (0.0, 0),
-              "dtype": np.dtype(spec_in.dtype).type}
     x = np.asarray(x, np.float32)
     stats = {t: {"values": 0, "differing": 0, "beyond": 0, "max_steps": 0, "off_grid": 0.0} for t in order}
     for start in range(0, len(x), batch_size):
@@ -250,7 +254,7 @@ def locate_divergence(model, flatbuffer, x, arithmetic="xnnpack", graph=None, ba
         for t, y in zip(order, keras_out):
             spec = graph.tensors[t]
             codes[t] = np.asarray(y, np.float64) / spec.s + spec.z
-        env = {graph.inputs[0]: quantize_input(chunk, detail)}
+        env = {graph.inputs[0]: graph_input(graph, chunk)}
         for idx, op in enumerate(graph.ops):
             for t, out in zip(op["outputs"], graph.run_op(idx, env, arithmetic)):
                 if t in codes:
