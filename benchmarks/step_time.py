@@ -1,7 +1,7 @@
 """Training-step time of quantized models relative to their float model, with tfmot as the peer.
 
     python -m benchmarks.step_time [--models=small_cnn,mobile_swish] [--methods=lsq+] [--bits=4,8]
-                                   [--rounds=8] [--steps=10] [--jit]
+                                   [--rounds=8] [--steps=10] [--jit] [--ablation]
 
 For each model: the float model, every tfq method at every bit-width (W=A) and tfmot's default 8-bit
 QAT scheme (``tfmot.quantization.keras.quantize_model``; a model it cannot quantize is recorded with
@@ -9,8 +9,14 @@ its error) are compiled once and warmed up, then timed in interleaved rounds (A 
 round ``steps`` fit steps at batch 128 on a fixed random batch, so load from other processes hits
 every variant alike (BENCHMARKS.md). Reports per variant the min and median ms/step over rounds and
 both ratios to the float model. Writes ``benchmarks/results/step_time.json``.
+
+``--ablation`` adds, per method and bit-width, the same quantized model traced with its activation
+quantizers (every tfq quantizer that is not a weight quantizer) replaced by the identity, and with
+every tfq quantizer replaced by it (tfmot's wrappers alone): the differences attribute the step-time
+overhead. Those variants train nothing meaningful; they only time the graph.
 """
 import argparse
+import contextlib
 import os
 import time
 
@@ -40,16 +46,40 @@ def step_timer(model, dataset, jit):
     return time_steps
 
 
-def variants(model_name, methods, bits):
-    """(name, builder) pairs: float, tfq method x bits, tfmot's default 8-bit QAT."""
+@contextlib.contextmanager
+def quantizers_as_identity(weights_too):
+    """While active, tfq quantizers traced into a graph return their input unchanged: activation
+    quantizers only, or every quantizer with ``weights_too`` (for the ``--ablation`` variants)."""
+    from tfq.quantizers import base
+    original = base.TFQQuantizer.__call__
+
+    def call(self, inputs, training, weights, **kwargs):
+        if weights_too or not getattr(self, "is_weight", False):
+            return tf.identity(inputs)
+        return original(self, inputs, training, weights, **kwargs)
+
+    base.TFQQuantizer.__call__ = call
+    try:
+        yield
+    finally:
+        base.TFQQuantizer.__call__ = original
+
+
+def variants(model_name, methods, bits, ablation=False):
+    """(name, builder, identity) triples: float, tfq method x bits, tfmot's default 8-bit QAT;
+    ``identity`` is None or the ``weights_too`` of ``quantizers_as_identity`` (``--ablation``)."""
     import tensorflow_model_optimization as tfmot
-    out = [("float", lambda: models.get(model_name, seed=0))]
+    out = [("float", lambda: models.get(model_name, seed=0), None)]
     for method in methods:
         for b in bits:
-            out.append((f"tfq {method} W{b}A{b}", lambda m=method, b=b: tfq.quantize_model(
-                models.get(model_name, seed=0), m, weight_bits=b, activation_bits=b)))
+            def build(m=method, b=b):
+                return tfq.quantize_model(models.get(model_name, seed=0), m, weight_bits=b, activation_bits=b)
+            out.append((f"tfq {method} W{b}A{b}", build, None))
+            if ablation:
+                out.append((f"tfq {method} W{b}A{b} activation quantizers off", build, False))
+                out.append((f"tfq {method} W{b}A{b} all quantizers off", build, True))
     out.append(("tfmot default 8-bit", lambda: tfmot.quantization.keras.quantize_model(
-        models.get(model_name, seed=0))))
+        models.get(model_name, seed=0)), None))
     return out
 
 
@@ -59,9 +89,10 @@ def measure(model_name, args):
     y = rng.integers(0, 10, 128)
     dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
     timers, errors = {}, {}
-    for name, build in variants(model_name, args.methods, args.bits):
+    for name, build, identity in variants(model_name, args.methods, args.bits, args.ablation):
         try:
-            timers[name] = step_timer(build(), dataset, args.jit)
+            with quantizers_as_identity(identity) if identity is not None else contextlib.nullcontext():
+                timers[name] = step_timer(build(), dataset, args.jit)  # traced here, in the warm-up
         except Exception as err:  # a peer that cannot take the model is a result
             errors[name] = describe_error(err)
     times = {name: [] for name in timers}
@@ -74,7 +105,7 @@ def measure(model_name, args):
                       "ratio_min": min(values) / min(times["float"]),
                       "ratio_median": float(np.median(values) / np.median(times["float"])),
                       "ms_per_round": values}
-        print(f"{model_name:13s} {name:22s} min {rows[name]['min_ms']:6.0f} ms  median "
+        print(f"{model_name:13s} {name:44s} min {rows[name]['min_ms']:6.0f} ms  median "
               f"{rows[name]['median_ms']:6.0f} ms  ratio to float {rows[name]['ratio_min']:.2f} (min) "
               f"{rows[name]['ratio_median']:.2f} (median)", flush=True)
     return {"model": model_name, "variants": rows, "errors": errors}
@@ -88,6 +119,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="fit steps per timed round")
     parser.add_argument("--jit", action="store_true", help="compile with XLA (jit_compile=True)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also time each quantized model with its activation quantizers (and all quantizers) "
+                             "as the identity")
     parser.add_argument("--out", default=os.path.join(RESULTS, "step_time.json"))
     args = parser.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]

@@ -156,6 +156,33 @@ def test_snap_biases_puts_folded_biases_on_the_accumulator_grid(fashion):
     assert not any(r["changed"] for r in tfl.snap_biases(q))
 
 
+@pytest.mark.parametrize("bias,center", [(True, True), (True, False), (False, True), (False, False)])
+def test_bias_moves_reach_the_folded_bias_whichever_variable_holds_it(bias, center):
+    """``snap_biases`` and ``guard_ties`` move a weighted layer's BatchNorm-folded bias through one rule:
+    BatchNorm's beta when it has one, else the layer's own bias divided by BatchNorm's factor (a
+    Conv2D(use_bias) -> BatchNormalization(center=False), which ``guard_ties`` used to skip). Checked
+    against the export's own folding: the folded bias moves by exactly the requested amount."""
+    rng = np.random.default_rng(3)
+    inputs = keras.Input((6, 6, 1))
+    y = keras.layers.Conv2D(3, 3, use_bias=bias, name="conv")(inputs)
+    y = keras.layers.BatchNormalization(center=center, name="bn")(y)
+    y = keras.layers.ReLU()(keras.layers.Flatten()(y))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(y))
+    bn = model.get_layer("bn")
+    # gamma < 0 (the folded codes flip sign); beta, moving mean and variance away from 0 and 1
+    bn.set_weights([-rng.uniform(0.5, 2.0, 3)] + [rng.uniform(0.5, 2.0, 3) for _ in bn.get_weights()[1:]])
+    q = tfq.quantize_model(model, method="lsq+", weight_bits=8, activation_bits=8)
+    tfq.calibrate(q, tf.data.Dataset.from_tensor_slices(rng.random((8, 6, 6, 1), np.float32)).batch(8)
+                  .map(lambda x: (x,)), steps=1)
+    conv, qbn = q.get_layer("quant_conv"), q.get_layer("quant_bn")
+    delta = np.array([0.25, -0.5, 1.0])
+    before = tfl.fold_weights(conv, qbn).bias
+    moved = tfl._move_folded_bias(conv, qbn, delta)
+    assert moved == (bias or center)
+    expected = before + delta if moved else before
+    np.testing.assert_allclose(tfl.fold_weights(conv, qbn).bias, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("bits,config", [(4, 3), (8, 4)])
 def test_mobile_swish_exports_integer_only_and_exact(fashion, bits, config):
     q = _quantized("mobile_swish", fashion, bits, config)

@@ -684,12 +684,10 @@ def hard_swish_table_plan(view, name, output_grid):
     that (docs/export.md, parity). The staircase (``_staircase``) computes the table exactly.
     """
     layer = view.layers[name]
-    in_quantizer, in_vars = costs.input_quantizer(view, name)
-    if in_quantizer is None:
+    grids = _uniform_io_grids(view, name, output_grid)
+    if grids is None:
         return None
-    in_grid = in_quantizer.integer_grid(in_vars)
-    if not isinstance(in_grid, UniformGrid) or not isinstance(output_grid, UniformGrid):
-        return None
+    in_grid, _ = grids
     s_in, z_in, _, _ = in_grid.to_int8_container()
     s_out, z_out, c_min, c_max = output_grid.to_int8_container()
     x = ((np.arange(-128, 128) - z_in) * float(s_in)).astype(np.float32)
@@ -749,13 +747,21 @@ class TFLiteHardSwish:
         return cls(**config)
 
 
+def _uniform_io_grids(view, name, output_grid):
+    """(input grid, ``output_grid``) of layer ``name`` when both are ``UniformGrid``s, else None."""
+    in_quantizer, in_vars = costs.input_quantizer(view, name)
+    in_grid = in_quantizer.integer_grid(in_vars) if in_quantizer is not None else None
+    if not isinstance(in_grid, UniformGrid) or not isinstance(output_grid, UniformGrid):
+        return None
+    return in_grid, output_grid
+
+
 def _hard_swish_grids(view, name):
     """(s_in, z_in, s_out, z_out) of a hard-swish layer's int8 input and output tensors, or None."""
-    in_quantizer, in_vars = costs.input_quantizer(view, name)
-    _, out_grid = _output_plan(view.layers[name])
-    in_grid = in_quantizer.integer_grid(in_vars) if in_quantizer is not None else None
-    if not isinstance(in_grid, UniformGrid) or not isinstance(out_grid, UniformGrid):
+    grids = _uniform_io_grids(view, name, _output_plan(view.layers[name])[1])
+    if grids is None:
         return None
+    in_grid, out_grid = grids
     s_in, z_in, _, _ = in_grid.to_int8_container()
     s_out, z_out, _, _ = out_grid.to_int8_container()
     return float(s_in), int(z_in), float(s_out), int(z_out)
@@ -942,14 +948,7 @@ def snap_biases(model, int4_weights=False):
         accumulator_step = s_in * folded.step
         delta = np.round(folded.bias / accumulator_step) * accumulator_step - folded.bias
         changed = bool(np.any(np.abs(delta) > ON_GRID_TOLERANCE * accumulator_step))
-        target = costs.inner_layer(bn) if bn is not None else inner
-        if bn is not None and getattr(target, "center", True) and target.beta is not None:
-            target.beta.assign((target.beta.numpy() + delta).astype(np.float32))
-        elif getattr(inner, "use_bias", False) and inner.bias is not None:
-            factor = fold.batch_norm_factors(target)[0] if bn is not None else np.ones_like(delta)
-            safe = np.where(factor == 0, 1.0, factor)
-            inner.bias.assign((inner.bias.numpy() + np.where(factor == 0, 0.0, delta / safe)).astype(np.float32))
-        elif changed:
+        if not _move_folded_bias(layer, bn, delta) and changed:
             raise ExportError(f"{name}: its bias (from {bn.name if bn is not None else name}) has no variable "
                               "to snap onto the int32 grid (BatchNorm center=False and use_bias=False)")
         plan, grid = _output_plan(bn if bn is not None else layer)
@@ -967,13 +966,30 @@ TIE_MARGIN = 1e-4
 _NUDGES = (0, -1, 1, -2, 2)  # bias moves tried, in accumulator steps, smallest first
 
 
-def _bias_target(layer):
-    """The variable whose value moves a weighted layer's output (a BatchNorm's beta or the layer's own
-    bias), or None."""
-    inner = costs.inner_layer(layer)
-    if type(inner).__name__ == "BatchNormalization":
-        return inner.beta if getattr(inner, "center", True) else None
-    return inner.bias if getattr(inner, "use_bias", False) else None
+def _folded_bias_variable(weighted, bn):
+    """``(variable, factor)`` through which ``weighted``'s BatchNorm-folded bias moves: adding ``d / factor``
+    to the variable moves the folded bias by ``d`` (``bn``'s beta, factor 1; else the layer's own bias,
+    factor = BatchNorm's gamma / sqrt(var + eps), or 1 without ``bn``), or None when neither exists."""
+    inner = costs.inner_layer(weighted)
+    bn_inner = costs.inner_layer(bn) if bn is not None else None
+    if bn_inner is not None and getattr(bn_inner, "center", True) and bn_inner.beta is not None:
+        return bn_inner.beta, 1.0
+    if getattr(inner, "use_bias", False) and inner.bias is not None:
+        return inner.bias, (fold.batch_norm_factors(bn_inner)[0] if bn_inner is not None else 1.0)
+    return None
+
+
+def _move_folded_bias(weighted, bn, delta):
+    """Move ``weighted``'s BatchNorm-folded bias by ``delta`` (per output channel; channels whose
+    BatchNorm factor is 0 cannot move); False when there is no variable to move."""
+    found = _folded_bias_variable(weighted, bn)
+    if found is None:
+        return False
+    variable, factor = found
+    factor = np.broadcast_to(np.asarray(factor, np.float64), np.shape(delta))
+    change = np.where(factor == 0, 0.0, np.asarray(delta, np.float64) / np.where(factor == 0, 1.0, factor))
+    variable.assign((variable.numpy().astype(np.float64) + change).astype(np.float32))
+    return True
 
 
 def guard_ties(model, x, margin=TIE_MARGIN, int4_weights=False):
@@ -995,24 +1011,32 @@ def guard_ties(model, x, margin=TIE_MARGIN, int4_weights=False):
     from tfq.export.integer import PARTS_OPS
     if not (isinstance(margin, (int, float)) and 0 < margin < 0.5):
         raise ValueError(f"margin must be in (0, 0.5) output steps, got {margin!r}")
-    graph = to_integer_graph(model, int4_weights=int4_weights)  # split PWLQ layers as exact parts (left alone)
-    holders = verify.layer_tensors(model, graph)
-    env = {**graph.constants, graph.inputs[0]: verify.graph_input(graph, x)}
+    view = graph.GraphView(model)
+    graph_ = to_integer_graph(model, int4_weights=int4_weights)  # split PWLQ layers as exact parts (left alone)
+    holders = verify.layer_tensors(model, graph_)
+    # the layer holding a weighted layer's output tensor (its folded BatchNorm, if any) -> (layer, BatchNorm)
+    weighted_of = {}
+    for name, layer in view.layers.items():
+        if type(costs.inner_layer(layer)).__name__ in WEIGHTED and layer is not costs.inner_layer(layer):
+            bn = _foldable_bn(view, name)
+            weighted_of[bn.name if bn is not None else name] = (layer, bn)
+    env = {**graph_.constants, graph_.inputs[0]: verify.graph_input(graph_, x)}
     rows = []
-    for idx, op in enumerate(graph.ops):
-        out = op["outputs"][0]
-        layer = holders.get(out)
+    for idx, op in enumerate(graph_.ops):
+        holder = holders.get(op["outputs"][0])
+        weighted = weighted_of.get(holder.name) if holder is not None else None
         movable = (op["op"] in PARTS_OPS and not op["params"].get("parts") and len(op["inputs"]) > 2
-                   and op["inputs"][2] >= 0 and layer is not None and _bias_target(layer) is not None)
+                   and op["inputs"][2] >= 0 and weighted is not None
+                   and _folded_bias_variable(*weighted) is not None)
         if movable:
-            row = _guard_op(graph, idx, op, env, layer, margin)
+            row = _guard_op(graph_, idx, op, env, holder.name, weighted, margin)
             if row is not None:
                 rows.append(row)
-        env.update(zip(op["outputs"], graph.run_op(idx, env, arithmetic="xnnpack")))
+        env.update(zip(op["outputs"], graph_.run_op(idx, env, arithmetic="xnnpack")))
     return rows
 
 
-def _guard_op(graph, idx, op, env, layer, margin):
+def _guard_op(graph, idx, op, env, name, weighted, margin):
     """``guard_ties`` for one op: exact outputs from the int32 accumulator, chosen moves applied."""
     from tfq.export.integer import accumulator, accumulator_steps
     bias_id = op["inputs"][2]
@@ -1037,9 +1061,8 @@ def _guard_op(graph, idx, op, env, layer, margin):
         return None
     graph.constants[bias_id] = (bias + moves).astype(graph.constants[bias_id].dtype)
     graph._cache.pop(idx, None)
-    target = _bias_target(layer)
-    target.assign((target.numpy().astype(np.float64) + moves * real_step).astype(np.float32))
-    return {"layer": layer.name, "op_index": idx, "channels_moved": int(np.count_nonzero(moves)),
+    _move_folded_bias(*weighted, moves * real_step)
+    return {"layer": name, "op_index": idx, "channels_moved": int(np.count_nonzero(moves)),
             "largest_move_steps": int(np.max(np.abs(moves))), "values_at_risk_before": before,
             "values_at_risk_after": after}
 
