@@ -13,6 +13,10 @@ resident set (VmHWM, via ``/proc/self/clear_refs``) before each so each step's p
   post-training: no step;
 * ``export``: ``tfq.export.to_tflite`` (after the training step, so every quantizer has seen data).
 
+The peers ``tfmot-int8`` (``tfmot.quantization.keras.quantize_model``, then the converter's int8
+export) and ``float`` (the float model, then a plain float conversion) go through the same steps, so
+the export's peak can be set against the converter's own.
+
 A failing step records its error text in the row and the later steps are skipped.
 Linear scaling: besides ResNet50 and EfficientNetB0, truncated variants (ResNet50 cut after
 stages 2, 3, 4; EfficientNetB0 cut after blocks 3 and 5, each with a pooling + Dense head) give a
@@ -35,7 +39,10 @@ from benchmarks.common import command_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
-METHODS = ("lsq+", "n2uq", "ddq", "adaqat", "pwlq")
+METHODS = ("lsq+", "n2uq", "ddq", "adaqat", "pwlq", "tfmot-int8", "float")
+#: peers, for the memory and time of the same steps outside tfq: tfmot's default 8-bit QAT exported by
+#: the TFLite converter (int8 in and out), and the float model converted as it is
+PEERS = ("tfmot-int8", "float")
 #: name -> (application, layer to cut after or None for the whole model)
 MODELS = {
     "resnet50_s2": ("ResNet50", "conv2_block3_out"),
@@ -109,12 +116,18 @@ def child(model_name, method, batch, calibration):
             images = rng.random((2 * calibration,) + INPUT_SHAPE, np.float32)
             q = measure(step, row, lambda: tfq.ptq.pwlq(net, images, weight_bits=4, batch_size=2,
                                                          integer_tail_ratio=True))  # one int8 conv per layer
+        elif method == "tfmot-int8":
+            import tensorflow_model_optimization as tfmot
+            q = measure(step, row, lambda: tfmot.quantization.keras.quantize_model(net))
+        elif method == "float":
+            q = net
         else:
             bits = {"lsq+": {"weight_bits": 4, "activation_bits": 4}, "n2uq": {"weight_bits": 2, "activation_bits": 2},
                     "ddq": {"target_bits": 4}, "adaqat": {"weight_bits": 4, "activation_bits": 4}}[method]
             q = measure(step, row, lambda: tfq.quantize_model(net, method=method, **bits))
         row["quantized_layers"] = len(q.layers)
-        row["weight_quantizers"] = len(costs.layer_costs(q))
+        if method not in PEERS:
+            row["weight_quantizers"] = len(costs.layer_costs(q))
         if method != "pwlq":
             step = "train_step"
             x = rng.random((batch,) + INPUT_SHAPE, np.float32)
@@ -138,7 +151,8 @@ def child(model_name, method, batch, calibration):
             row["train_step2_seconds"] = time.perf_counter() - start
             row["train_step2_cpu_seconds"] = time.process_time() - cpu_start
         step = "export"
-        flatbuffer = measure(step, row, lambda: tfq.export.to_tflite(q))
+        flatbuffer = measure(step, row, lambda: tfq.export.to_tflite(q) if method not in PEERS
+                             else peer_convert(q, method))
         row["tflite_bytes"] = len(flatbuffer)
     except Exception as err:  # a failing step is a result
         describe_error(err)  # prints the traceback
@@ -146,6 +160,17 @@ def child(model_name, method, batch, calibration):
         row[f"{step}_error"] = f"{type(err).__name__}: {(lines[-1] if lines else '')[:300]}"
     row["process_peak_rss_mb"] = _status_kb("VmHWM") / 1024.0
     print("ROW " + json.dumps(row), flush=True)
+
+
+def peer_convert(model, method):
+    """The TFLite converter on a peer: int8 in and out for tfmot's QAT model, float as it is."""
+    import tensorflow as tf
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if method == "tfmot-int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    return converter.convert()
 
 
 # --- parent: one subprocess per (model, method) ---------------------------------------------------
