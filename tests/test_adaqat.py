@@ -460,3 +460,30 @@ def test_activations_never_drop_below_two_bits():
     cb = AdaQAT(lambda_=50.0, lr_weight=0.0, lr_activation=0.2)
     model.fit(np.repeat(X, 5, 0), np.repeat(Y, 5, 0), batch_size=4, epochs=1, verbose=0, callbacks=[cb])
     assert min(cb.history["activation_bits"]) == 2 and cb.history["activation_N"][-1] > 1.0
+
+
+def test_later_fit_calls_reuse_the_traced_step_and_the_model_keeps_its_own():
+    """Each ``fit`` attaches the callback and detaches it at the end. A second ``fit`` with the same
+    callback and compile reuses the train function traced with the probes (no new trace: on
+    ResNet50 a trace took ~200 s, benchmarks/large_models.py), a plain ``fit`` afterwards gets the
+    model's own function back, and a new ``compile`` forces a fresh trace."""
+    model = _hand_model()
+    cb = AdaQAT(lambda_=0.1)
+    traces = []
+    probe = cb._probe
+
+    def counted(*args):
+        traces.append(1)   # Python runs here only while tracing
+        return probe(*args)
+
+    cb._probe = counted
+    model.fit(X, Y, batch_size=2, epochs=1, verbose=0)           # the model's own step
+    own = model.train_function
+    model.fit(X, Y, batch_size=2, epochs=1, verbose=0, callbacks=[cb])
+    first = len(traces)
+    assert first >= 1 and model.train_function is own
+    model.fit(X, Y, batch_size=2, epochs=1, verbose=0, callbacks=[cb])
+    assert len(traces) == first and cb.history["step"] == [3, 4, 5, 6]   # after the plain fit's 2
+    model.compile(keras.optimizers.SGD(0.0), loss="mse")
+    model.fit(X, Y, batch_size=2, epochs=1, verbose=0, callbacks=[cb])
+    assert len(traces) > first

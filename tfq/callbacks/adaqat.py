@@ -65,6 +65,13 @@ def _replicas_in_sync():
     return 1 if context is None else context.num_replicas_in_sync
 
 
+def _compile_key(model):
+    """What a compiled train function depends on besides the model's layers: ``compile`` replaces
+    the optimizer and the compiled loss and metrics, so a function traced before it is stale."""
+    return (id(getattr(model, "optimizer", None)), id(getattr(model, "compiled_loss", None)),
+            id(getattr(model, "compiled_metrics", None)), id(getattr(model, "_steps_per_execution", None)))
+
+
 class AdaQAT(keras.callbacks.Callback):
     """Learns the shared weight and activation bit-widths N_w, N_a (see module docstring).
 
@@ -103,6 +110,7 @@ class AdaQAT(keras.callbacks.Callback):
         self._attached = None
         self._diagnostics = None
         self._writer = None
+        self._traced = None   # the wrapped step's compiled train function, kept between fit calls
 
     # --- installation ------------------------------------------------------------------------
     def set_model(self, model):
@@ -139,11 +147,17 @@ class AdaQAT(keras.callbacks.Callback):
                                  for key in _STEP_VALUES}
         had_own_step = "train_step" in model.__dict__
         original = model.train_step
+        key = _compile_key(model)
         self._attached = {"model": model, "states": states, "rows": rows,
                           "normaliser": float(adaptive or sum(r.macs for r in rows) or 1),
-                          "restorable": restorable, "original": original, "had_own_step": had_own_step}
+                          "restorable": restorable, "original": original, "had_own_step": had_own_step,
+                          "own_function": model.train_function, "key": key}
         model.train_step = self._wrap(original)
-        model.train_function = None  # rebuilt with the wrapped step
+        # a train function traced with the wrapped step by an earlier fit (same model, same compile)
+        # is reused; anything else is rebuilt (a trace of a large model takes minutes)
+        traced = self._traced
+        model.train_function = traced["function"] if traced and traced["model"] is model and \
+            traced["key"] == key else None
         # every value the wrapped step logs is the same on all replicas (merged metrics, all-reduced
         # probes); Keras' "auto" would sum them over MultiWorkerMirroredStrategy workers
         self._attached["reduction"] = getattr(model, "_distribute_reduction_method", None)
@@ -160,7 +174,11 @@ class AdaQAT(keras.callbacks.Callback):
         else:
             model.__dict__.pop("train_step", None)
         model.distribute_reduction_method = self._attached["reduction"]
-        model.train_function = None
+        if model.train_function is not None and _compile_key(model) == self._attached["key"]:
+            self._traced = {"model": model, "key": self._attached["key"], "function": model.train_function}
+            model.train_function = self._attached["own_function"]  # the model's own, if it had one
+        else:
+            model.train_function = None
         self._attached = None
 
     # --- the wrapped step -----------------------------------------------------------------------
