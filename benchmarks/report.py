@@ -1,5 +1,5 @@
-"""Turns benchmarks/results/*.json into the README's results tables (between the markers
-``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``), so README never holds a number that
+"""Turns benchmarks/results/*.json into the results tables of README and docs/*.md (between the
+markers ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``), so they never hold a number that
 no JSON backs.
 
     python -m benchmarks.report
@@ -94,24 +94,49 @@ def latency_table(results):
     return "\n".join(rows)
 
 
-TABLES = {"lsq": lsq_table, "export": export_table, "latency": latency_table}
+def large_models_table(results):
+    rows = ["| model | method | layers | params (M) | quantize s | first train step s | second step s | export s | "
+            "train-step peak MB (before) | export peak MB (before) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for v in sorted(results["variants"], key=lambda v: (v["model"].split("_")[0], v.get("layers", 0), v["method"])):
+        failed = next((f"{key}: {v[key]}" for key in ("error", "quantize_error", "train_step_error", "export_error")
+                       if key in v), None)
+        if failed and "layers" not in v:
+            rows.append(f"| {v['model']} | {v['method']} | {failed[:140]} |" + " |" * 7)
+            continue
+        peak = lambda step: (f"{v[step + '_peak_rss_mb']:.0f} ({v[step + '_rss_before_mb']:.0f})"  # noqa: E731
+                             if step + "_peak_rss_mb" in v else "—")
+        rows.append(f"| {v['model']} | {v['method']} | {v['layers']} | {v['params'] / 1e6:.2f} | "
+                    f"{_fmt(v.get('quantize_seconds'), '.0f')} | {_fmt(v.get('train_step_seconds'), '.0f')} | "
+                    f"{_fmt(v.get('train_step2_seconds'), '.1f')} | {_fmt(v.get('export_seconds'), '.0f')} | "
+                    f"{peak('train_step')} | {peak('export')} |" + (f" {failed[:100]}" if failed else ""))
+    rows.append("")
+    rows.append(_machine_line(results) + " Seconds are wall time on a shared machine; peaks are each step's own "
+                "(VmHWM reset before it) in a fresh process per row.")
+    return "\n".join(rows)
+
+
+TABLES = {"lsq": lsq_table, "export": export_table, "latency": latency_table, "large_models": large_models_table}
 
 
 def main():
-    if not os.path.exists(README):
-        return
-    with open(README) as f:
-        text = f.read()
+    tables = {}
     for path in sorted(glob.glob(os.path.join(HERE, "results", "*.json"))):
         name = os.path.splitext(os.path.basename(path))[0]
-        if name not in TABLES:
+        if name in TABLES:
+            with open(path) as f:
+                tables[name] = TABLES[name](json.load(f))
+    docs = sorted(glob.glob(os.path.join(os.path.dirname(HERE), "docs", "*.md")))
+    for page in [README] + docs:   # README and the docs pages hold the markers
+        if not os.path.exists(page):
             continue
-        with open(path) as f:
-            table = TABLES[name](json.load(f))
-        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
-        text = pattern.sub(lambda m: m.group(1) + table + m.group(2), text)
-    with open(README, "w") as f:
-        f.write(text)
+        with open(page) as f:
+            text = f.read()
+        for name, table in tables.items():
+            pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
+            text = pattern.sub(lambda m: m.group(1) + table + m.group(2), text)
+        with open(page, "w") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":

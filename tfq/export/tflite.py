@@ -573,19 +573,27 @@ class ExportWeighted(keras.layers.Layer):
         self.codes, self.step, self.per_channel = folded.codes, folded.step, folded.per_channel
         self.bias_values = folded.bias.astype(np.float32)
 
-    def _kernel(self):
+    def build(self, input_shape):
         real = (_to_channels_last(self.kind, self.codes.astype(np.float64)) * self.step).astype(np.float32)
         if self.kind == "Dense" and self.per_channel:
             real = real.reshape((1, 1) + real.shape)  # the 1x1 convolution's HWIO kernel, quantized as such
+        # a variable rather than a constant made in call: the converter copies a call's constants into
+        # every function it traces, but freezes variables once (ResNet50: a 4x lower export peak)
+        self.real_kernel = self.add_weight("real_kernel", shape=real.shape, dtype=tf.float32, trainable=False,
+                                           initializer=keras.initializers.Constant(real))
+        super().build(input_shape)
+
+    def _kernel(self):
+        real = self.real_kernel
         levels = 7 if self.int4 else 127
         bits = 4 if self.int4 else 8
         if self.per_channel:
             lo, hi = (-levels * self.step).astype(np.float32), (levels * self.step).astype(np.float32)
-            k = tf.quantization.fake_quant_with_min_max_vars_per_channel(
-                tf.constant(real), lo, hi, num_bits=bits, narrow_range=True)
+            k = tf.quantization.fake_quant_with_min_max_vars_per_channel(real, lo, hi, num_bits=bits,
+                                                                         narrow_range=True)
         else:
             s = float(self.step[0])
-            k = tf.quantization.fake_quant_with_min_max_vars(tf.constant(real), -levels * s, levels * s,
+            k = tf.quantization.fake_quant_with_min_max_vars(real, -levels * s, levels * s,
                                                              num_bits=bits, narrow_range=True)
         return k if self.kind == "Dense" and self.per_channel else tf.reshape(k, self.codes.shape)
 
