@@ -487,3 +487,21 @@ def test_later_fit_calls_reuse_the_traced_step_and_the_model_keeps_its_own():
     model.compile(keras.optimizers.SGD(0.0), loss="mse")
     model.fit(X, Y, batch_size=2, epochs=1, verbose=0, callbacks=[cb])
     assert len(traces) > first
+
+
+def test_a_non_finite_loss_leaves_the_bit_widths_unchanged_and_warns():
+    """A NaN task/probe loss makes eq. 3's gradient NaN; N (saved with the model) must not become NaN
+    for good: the step leaves N, the crossing counts and the frozen flags as they were, and the
+    callback warns once."""
+    model = _hand_model()
+    cb = AdaQAT(lambda_=0.1, lr_weight=0.5, lr_activation=0.5)
+    states = aq.adaqat_states(model)
+    start = {kind: float(group[0]["bits"].numpy()) for kind, group in states.items() if group}
+    y_nan = np.full_like(Y, np.nan)
+    with pytest.warns(UserWarning, match="not finite"):
+        model.fit(X, y_nan, batch_size=2, epochs=1, verbose=0, callbacks=[cb])
+    assert cb.history["step"] == [1, 2] and all(np.isnan(g) for g in cb.history["weight_gradient"])
+    for kind, group in states.items():
+        if group:
+            assert float(group[0]["bits"].numpy()) == start[kind]
+            assert not group[0]["frozen"].numpy() and not group[0]["crossings"].numpy().any()

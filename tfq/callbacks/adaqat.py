@@ -35,6 +35,7 @@ TensorBoard under ``log_dir``); the step's logs gain ``weight_bits``, ``activati
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -111,6 +112,7 @@ class AdaQAT(keras.callbacks.Callback):
         self._diagnostics = None
         self._writer = None
         self._traced = None   # the wrapped step's compiled train function, kept between fit calls
+        self._warned_non_finite = False
 
     # --- installation ------------------------------------------------------------------------
     def set_model(self, model):
@@ -300,16 +302,20 @@ class AdaQAT(keras.callbacks.Callback):
         crossings = tf.identity(group[0]["crossings"].read_value())
         frozen = tf.identity(group[0]["frozen"].read_value())
         gradient = (loss - probe_loss) + self.lambda_ * hardware_gradient
+        # a NaN/Inf probe or task loss leaves this step's N as it was (on_train_batch_end warns):
+        # one bad batch must not turn the saved bit-width into NaN for good
+        held = tf.logical_or(frozen, tf.logical_not(tf.math.is_finite(gradient)))
+        safe_gradient = tf.where(held, 0.0, gradient)
         lower = float(self.min_bits[kind] - 1) + FLOOR_MARGIN
-        n_next = tf.clip_by_value(n - self.learning_rates[kind] * gradient, lower, float(self.max_bits))
+        n_next = tf.clip_by_value(n - self.learning_rates[kind] * safe_gradient, lower, float(self.max_bits))
         bits, bits_next = aq.integer_bits(n), aq.integer_bits(n_next)
         rose = bits_next > bits
         index = tf.cast(bits, tf.int32)
         counts = crossings + tf.cast(rose, tf.int32) * tf.one_hot(index, aq.COUNTER_SIZE, dtype=tf.int32)
         freeze = tf.logical_and(rose, counts[index] > self.oscillation_limit)
         n_next = tf.where(freeze, bits_next, n_next)
-        n_next = tf.where(frozen, n, n_next)
-        counts = tf.where(frozen, crossings, counts)
+        n_next = tf.where(held, n, n_next)
+        counts = tf.where(held, crossings, counts)
         frozen_next = tf.logical_or(frozen, freeze)
         self._diagnostics[f"{kind}_gradient"].assign(tf.where(frozen, 0.0, gradient))
         for s in group:
@@ -349,6 +355,13 @@ class AdaQAT(keras.callbacks.Callback):
             else:
                 row[f"{kind}_N"] = row[f"{kind}_bits"] = row[f"{kind}_frozen"] = None
         row.update({key: float(self._diagnostics[key].numpy()) for key in _STEP_VALUES})
+        bad = {kind: row[f"{kind}_gradient"] for kind in aq.KINDS if not np.isfinite(row[f"{kind}_gradient"])}
+        if bad and not self._warned_non_finite:
+            self._warned_non_finite = True
+            found = ", ".join(f"{kind} {value}" for kind, value in bad.items())
+            warnings.warn(f"AdaQAT: at step {step} the task or probe loss was not finite (bit-width gradient: "
+                          f"{found}); N was left unchanged for that step (warned once per callback; the "
+                          "gradients are in callback.history)", stacklevel=2)
         for key in HISTORY_KEYS:
             self.history[key].append(row[key])
         if self._writer is not None:
