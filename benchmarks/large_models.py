@@ -81,6 +81,14 @@ def float_model(name):
     return keras.Model(net.input, keras.layers.Dense(CLASSES, name="cut_head")(x), name=f"{name}")
 
 
+def random_images(rng, count):
+    """Random images in [0, 255], the range keras.applications models take before their own
+    preprocessing (EfficientNetB0 divides by 255 itself: [0, 1] inputs left its activations so small
+    that PACT at its initial alpha rounded them all to 0)."""
+    import numpy as np
+    return (255.0 * rng.random((count,) + INPUT_SHAPE)).astype(np.float32)
+
+
 def measure(step, row, fn):
     """Runs ``fn`` and records its seconds and peak RSS (MB) under ``step``; returns its result."""
     from tfq.export.bench import reset_peak_rss
@@ -113,7 +121,7 @@ def child(model_name, method, batch, calibration):
     step = "quantize"
     try:
         if method == "pwlq":
-            images = rng.random((2 * calibration,) + INPUT_SHAPE, np.float32)
+            images = random_images(rng, 2 * calibration)
             q = measure(step, row, lambda: tfq.ptq.pwlq(net, images, weight_bits=4, batch_size=2,
                                                          integer_tail_ratio=True))  # one int8 conv per layer
         elif method == "tfmot-int8":
@@ -130,7 +138,7 @@ def child(model_name, method, batch, calibration):
             row["weight_quantizers"] = len(costs.layer_costs(q))
         if method != "pwlq":
             step = "train_step"
-            x = rng.random((batch,) + INPUT_SHAPE, np.float32)
+            x = random_images(rng, batch)
             y = rng.integers(0, CLASSES, batch)
             loss = keras.losses.SparseCategoricalCrossentropy(from_logits=False)
             callbacks = []
