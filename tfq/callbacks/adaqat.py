@@ -66,11 +66,17 @@ def _replicas_in_sync():
     return 1 if context is None else context.num_replicas_in_sync
 
 
-def _compile_key(model):
+def _compile_state(model):
     """What a compiled train function depends on besides the model's layers: ``compile`` replaces
-    the optimizer and the compiled loss and metrics, so a function traced before it is stale."""
-    return (id(getattr(model, "optimizer", None)), id(getattr(model, "compiled_loss", None)),
-            id(getattr(model, "compiled_metrics", None)), id(getattr(model, "_steps_per_execution", None)))
+    the optimizer and the compiled loss and metrics, so a function traced before it is stale. The
+    objects themselves, compared with ``is`` (``_same_compile``): an ``id`` can be reused by a new
+    object once the old one is freed."""
+    return (getattr(model, "optimizer", None), getattr(model, "compiled_loss", None),
+            getattr(model, "compiled_metrics", None), getattr(model, "_steps_per_execution", None))
+
+
+def _same_compile(state, model):
+    return all(a is b for a, b in zip(state, _compile_state(model)))
 
 
 class AdaQAT(keras.callbacks.Callback):
@@ -149,17 +155,17 @@ class AdaQAT(keras.callbacks.Callback):
                                  for key in _STEP_VALUES}
         had_own_step = "train_step" in model.__dict__
         original = model.train_step
-        key = _compile_key(model)
+        compiled = _compile_state(model)
         self._attached = {"model": model, "states": states, "rows": rows,
                           "normaliser": float(adaptive or sum(r.macs for r in rows) or 1),
                           "restorable": restorable, "original": original, "had_own_step": had_own_step,
-                          "own_function": model.train_function, "key": key}
+                          "own_function": model.train_function, "compiled": compiled}
         model.train_step = self._wrap(original)
         # a train function traced with the wrapped step by an earlier fit (same model, same compile)
         # is reused; anything else is rebuilt (a trace of a large model takes minutes)
         traced = self._traced
         model.train_function = traced["function"] if traced and traced["model"] is model and \
-            traced["key"] == key else None
+            _same_compile(traced["compiled"], model) else None
         # every value the wrapped step logs is the same on all replicas (merged metrics, all-reduced
         # probes); Keras' "auto" would sum them over MultiWorkerMirroredStrategy workers
         self._attached["reduction"] = getattr(model, "_distribute_reduction_method", None)
@@ -176,8 +182,9 @@ class AdaQAT(keras.callbacks.Callback):
         else:
             model.__dict__.pop("train_step", None)
         model.distribute_reduction_method = self._attached["reduction"]
-        if model.train_function is not None and _compile_key(model) == self._attached["key"]:
-            self._traced = {"model": model, "key": self._attached["key"], "function": model.train_function}
+        if model.train_function is not None and _same_compile(self._attached["compiled"], model):
+            self._traced = {"model": model, "compiled": self._attached["compiled"],
+                            "function": model.train_function}
             model.train_function = self._attached["own_function"]  # the model's own, if it had one
         else:
             model.train_function = None

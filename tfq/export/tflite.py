@@ -665,6 +665,15 @@ def _output_plan(layer):
     return activation_plan(grid, layer.name), grid
 
 
+def _quantized_weighted_layers(view):
+    """``(name, wrapper, BatchNorm or None)`` for every tfmot-wrapped Conv2D / DepthwiseConv2D /
+    Dense of ``view``, with the BatchNormalization export folds into it (``_foldable_bn``)."""
+    for name, layer in view.layers.items():
+        inner = costs.inner_layer(layer)
+        if type(inner).__name__ in WEIGHTED and layer is not inner:
+            yield name, layer, _foldable_bn(view, name)
+
+
 def _foldable_bn(view, name):
     """The BatchNormalization consuming weighted layer ``name`` alone, or None."""
     consumers = view.consumers[name]
@@ -938,11 +947,7 @@ def snap_biases(model, int4_weights=False):
     """
     view = graph.GraphView(model)
     rows = []
-    for name, layer in view.layers.items():
-        inner = costs.inner_layer(layer)
-        if type(inner).__name__ not in WEIGHTED or layer is inner:
-            continue
-        bn = _foldable_bn(view, name)
+    for name, layer, bn in _quantized_weighted_layers(view):
         if split_weights(layer, bn) is not None:
             rows.append({"layer": name, "changed": False,
                          "note": "split piecewise kernel: to_integer_graph keeps its bias to 2^-17 output steps "
@@ -1023,11 +1028,8 @@ def guard_ties(model, x, margin=TIE_MARGIN, int4_weights=False):
     graph_ = to_integer_graph(model, int4_weights=int4_weights)  # split PWLQ layers as exact parts (left alone)
     holders = verify.layer_tensors(model, graph_)
     # the layer holding a weighted layer's output tensor (its folded BatchNorm, if any) -> (layer, BatchNorm)
-    weighted_of = {}
-    for name, layer in view.layers.items():
-        if type(costs.inner_layer(layer)).__name__ in WEIGHTED and layer is not costs.inner_layer(layer):
-            bn = _foldable_bn(view, name)
-            weighted_of[bn.name if bn is not None else name] = (layer, bn)
+    weighted_of = {bn.name if bn is not None else name: (layer, bn)
+                   for name, layer, bn in _quantized_weighted_layers(view)}
     env = {**graph_.constants, graph_.inputs[0]: verify.graph_input(graph_, x)}
     rows = []
     for idx, op in enumerate(graph_.ops):
@@ -1160,11 +1162,7 @@ def split_layers(model, int4_weights=False):
     stores for it (used to find its op in the flatbuffer)."""
     view = graph.GraphView(model)
     out = {}
-    for name, layer in view.layers.items():
-        inner = costs.inner_layer(layer)
-        if type(inner).__name__ not in WEIGHTED or layer is inner:
-            continue
-        bn = _foldable_bn(view, name)
+    for name, layer, bn in _quantized_weighted_layers(view):
         split = split_weights(layer, bn)
         if split is not None:
             folded = export_weights(layer, bn, input_step(view, name), int4_weights, approximate_piecewise=True)[0]
