@@ -1,12 +1,15 @@
 """Large models (issue 9): time and peak memory of quantize, one training step and TFLite export.
 
 For each model and method, a fresh subprocess builds the float keras.applications model
-(weights=None, input 224x224x3, classes=10), then times three steps, resetting the process's peak
+(weights=None, input 224x224x3, classes=10), then times up to four steps, resetting the process's peak
 resident set (VmHWM, via ``/proc/self/clear_refs``) before each so each step's peak is its own:
 
 * ``quantize``: ``tfq.quantize_model`` (PWLQ: ``tfq.ptq.pwlq`` at 4 bits with
   ``integer_tail_ratio=True``, so each layer exports as one int8 convolution, calibrated on
   ``--calibration`` random batches of 2 images);
+* ``calibrate``: ``tfq.calibrate`` on that batch (eager; methods whose quantizers initialise
+  from data: LSQ+, N2UQ, DDQ), as ``tfq.train.finetune`` does before its first step, so the
+  traced step leaves the initialisation branches out (rows before this step existed traced them);
 * ``train_step``: compile + one ``fit`` step on a random batch of ``--batch`` images (first step:
   tracing included) and a second step (``train_step2_seconds``: the steady-state cost); DDQ with
   its ``DDQGateSchedule`` and memory-constrained loss, AdaQAT with its callback (probes). PWLQ is
@@ -58,7 +61,7 @@ MODELS = {
 }
 INPUT_SHAPE = (224, 224, 3)
 CLASSES = 10
-STEPS = ("quantize", "train_step", "export")
+STEPS = ("quantize", "calibrate", "train_step", "export")
 
 
 # --- child process: one model, one method -------------------------------------------------------
@@ -111,6 +114,7 @@ def child(model_name, method, batch, calibration):
     import tf_keras as keras
     from benchmarks.common import describe_error
     from tfq import costs
+    from tfq.api import is_calibrated
 
     rng = np.random.default_rng(0)
     net = float_model(model_name)
@@ -137,9 +141,12 @@ def child(model_name, method, batch, calibration):
         if method not in PEERS:
             row["weight_quantizers"] = len(costs.layer_costs(q))
         if method != "pwlq":
-            step = "train_step"
             x = random_images(rng, batch)
             y = rng.integers(0, CLASSES, batch)
+            if method not in PEERS and not is_calibrated(q):
+                step = "calibrate"  # eager, as tfq.train.finetune does, so the traced step is smaller
+                measure(step, row, lambda: tfq.calibrate(q, x))
+            step = "train_step"
             loss = keras.losses.SparseCategoricalCrossentropy(from_logits=False)
             callbacks = []
             if method == "ddq":
@@ -232,7 +239,8 @@ def main(argv=None):
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per (model, method) subprocess")
     parser.add_argument("--out", default=os.path.join(RESULTS, "large_models.json"))
     parser.add_argument("--append", action="store_true",
-                        help="keep the rows already in --out (e.g. to add methods to an earlier run)")
+                        help="keep the rows already in --out (e.g. to add methods to an earlier run), except "
+                             "those of the (model, method) pairs this run measures again, which it replaces")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     models = args.models.split(",")
@@ -264,6 +272,8 @@ def main(argv=None):
         results["command"] = earlier["command"] + " ; " + results["command"]
     for model_name in models:
         for method in methods:
+            results["variants"] = [v for v in results["variants"]
+                                   if (v.get("model"), v.get("method")) != (model_name, method)]
             save_row(results, run_child(model_name, method, args), args.out)
     results["scaling"] = scaling(results["variants"])
     results["scaling_cpu"] = scaling(results["variants"], "cpu_seconds")

@@ -95,21 +95,22 @@ def latency_table(results):
 
 
 def large_models_table(results):
-    rows = ["| model | method | layers | params (M) | quantize s | first train step s | second step s | export s | "
-            "train-step peak MB (before) | export peak MB (before) | note |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | method | layers | params (M) | quantize s | calibrate s | first train step s | second step s | "
+            "export s | train-step peak MB (before) | export peak MB (before) | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in sorted(results["variants"], key=lambda v: (v["model"].split("_")[0], v.get("layers", 0), v["method"])):
-        failed = next((f"{key}: {v[key]}" for key in ("error", "quantize_error", "train_step_error", "export_error")
-                       if key in v), None)
+        failed = next((f"{key}: {v[key]}" for key in ("error", "quantize_error", "calibrate_error", "train_step_error",
+                                                         "export_error") if key in v), None)
         if failed and "layers" not in v:
-            rows.append(f"| {v['model']} | {v['method']} | {failed[:140]} |" + " |" * 8)
+            rows.append(f"| {v['model']} | {v['method']} | {failed[:140]} |" + " |" * 9)
             continue
         fix = re.search(r"before ([0-9a-f]{7})", v.get("run", ""))
         note = "; ".join(([f"export before {fix.group(1)}"] if fix else []) + ([failed[:100]] if failed else []))
         peak = lambda step: (f"{v[step + '_peak_rss_mb']:.0f} ({v[step + '_rss_before_mb']:.0f})"  # noqa: E731
                              if step + "_peak_rss_mb" in v else "—")
         rows.append(f"| {v['model']} | {v['method']} | {v['layers']} | {v['params'] / 1e6:.2f} | "
-                    f"{_fmt(v.get('quantize_seconds'), '.0f')} | {_fmt(v.get('train_step_seconds'), '.0f')} | "
+                    f"{_fmt(v.get('quantize_seconds'), '.0f')} | {_fmt(v.get('calibrate_seconds'), '.0f')} | "
+                    f"{_fmt(v.get('train_step_seconds'), '.0f')} | "
                     f"{_fmt(v.get('train_step2_seconds'), '.1f')} | {_fmt(v.get('export_seconds'), '.0f')} | "
                     f"{peak('train_step')} | {peak('export')} | {note} |")
     rows.append("")

@@ -38,6 +38,8 @@ def parse(argv):
     parser.add_argument("--mode", required=True, choices=MODES)
     parser.add_argument("--out", required=True, help="npz file to write")
     parser.add_argument("--replicas", type=int, default=2, help="logical CPU devices for --mode mirrored")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="tfq.calibrate on the first global batch before fit (the step then traces no init branch)")
     parser.add_argument("--probe-frozen", action="store_true",
                         help="adaqat: freeze both bit-widths from the start (the probes are skipped)")
     args = parser.parse_args(argv)
@@ -138,6 +140,9 @@ def main(argv=None):
     with strategy.scope():
         model, loss, callback, learning_rate = build(args.method, args.probe_frozen)
         model.compile(keras.optimizers.SGD(learning_rate), loss=loss)
+    if args.calibrate:
+        import tfq
+        tfq.calibrate(model, x[:GLOBAL_BATCH])
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA

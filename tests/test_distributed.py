@@ -139,6 +139,16 @@ def test_mirrored_training_matches_single_device(runs, method):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["lsq+", "n2uq"])
+def test_mirrored_training_after_calibration_matches_single_device(runs, method):
+    """A step traced after tfq.calibrate reads the init flags through tf.init_scope and leaves
+    the initialisation (and its all_gather) out; under the strategy it trains as one device does."""
+    single = runs(method, "single", "--calibrate")
+    mirrored = runs(method, "mirrored", "--calibrate")
+    _assert_matches_single(single, mirrored, replicas_per_process=2)
+
+
+@pytest.mark.slow
 def test_adaqat_with_frozen_bits_skips_the_update_under_mirrored(runs):
     mirrored = runs("adaqat", "mirrored", "--probe-frozen")
     single = runs("adaqat", "single", "--probe-frozen")

@@ -7,7 +7,7 @@ import tfq
 from tfq.configs import LayerQuantizeConfig
 
 
-def coverage_model():
+def coverage_model(dropout=0.2):
     """Every layer type the foundation issue lists, in one Functional graph."""
     inp = keras.Input((16, 16, 3))
     x = keras.layers.Rescaling(2.0, offset=-1.0)(inp)
@@ -29,7 +29,7 @@ def coverage_model():
     x = keras.layers.Conv2D(8, 1, activation="relu")(x)
     x = x * 0.5 + 1.0  # TFOpLambda arithmetic, as keras.applications models hold
     x = keras.layers.Flatten(name="flatten")(x)
-    x = keras.layers.Dropout(0.2, name="dropout")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
     x = keras.layers.Reshape((-1,), name="reshape")(x)
     out = keras.layers.Dense(5, name="logits")(x)
     return keras.Model(inp, out)
@@ -161,6 +161,50 @@ def test_calibrate_touches_only_quantizers():
     np.testing.assert_array_equal(bn.numpy(), before)
     flags = [w for w in q.weights if w.name.endswith("_initialized:0")]
     assert flags and all(bool(f.numpy()) for f in flags)
+
+
+def _traced_conds(q, x):
+    """Conditional ops in the graph of a training-mode forward traced now."""
+    import tensorflow as tf
+    graph = tf.function(lambda t: q(t, training=True)).get_concrete_function(tf.TensorSpec(x.shape)).graph
+    return [op.name for op in graph.get_operations() if op.type in ("If", "StatelessIf")]
+
+
+@pytest.mark.parametrize("method", ["lsq+", "n2uq", "ddq"])
+def test_a_step_traced_after_calibration_leaves_the_initialisation_out(method):
+    """Tracing every quantizer's first-call initialisation branch dominates the time to trace a
+    training step; once calibrated, a newly traced step holds no such branch, and from the same
+    state it computes exactly what a step traced with the branches computes. (The values that
+    eager calibration and an in-graph first step initialise may differ in the last bits, as
+    eager and graph reductions do, and that spreads downstream.)"""
+    import tensorflow as tf
+    x = np.random.default_rng(4).random((8, 16, 16, 3), np.float32)
+    keras.utils.set_random_seed(0)
+    in_graph = tfq.quantize_model(coverage_model(dropout=0.0), method)  # a deterministic training forward
+    keras.utils.set_random_seed(0)
+    eager = tfq.quantize_model(coverage_model(dropout=0.0), method)
+    eager.set_weights(in_graph.get_weights())
+    assert _traced_conds(in_graph, x)  # the branches are there before calibration
+    first_step = tf.function(lambda t: in_graph(t, training=True))
+    first_step(x)  # traced with the branches; initialises inside the graph
+    tfq.calibrate(eager, x)  # initialises eagerly
+    assert _traced_conds(eager, x) == []
+    in_graph.set_weights(eager.get_weights())  # same state; first_step still holds its init branches
+    without_branches = tf.function(lambda t: eager(t, training=True))
+    np.testing.assert_array_equal(first_step(x), without_branches(x))
+
+
+def test_a_step_traced_without_the_initialisation_refuses_to_run_after_a_reset():
+    import tensorflow as tf
+    q = tfq.quantize_model(coverage_model(), "lsq+")
+    x = np.random.default_rng(4).random((8, 16, 16, 3), np.float32)
+    tfq.calibrate(q, x)
+    step = tf.function(lambda t: q(t, training=True))
+    step(x)
+    flag = next(w for w in q.weights if w.name.endswith("_initialized:0"))
+    flag.assign(False)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"was reset to uninitialised after this step was traced"):
+        step(x)
 
 
 def test_a_layer_annotated_with_its_own_quantize_config_keeps_it():

@@ -92,6 +92,13 @@ class QuantizeWrapper(quantize_wrapper.QuantizeWrapperV2):
         super().build(input_shape)
 
 
+def is_calibrated(model):
+    """Whether every quantizer of ``model`` that needs data (or a post-training calibration) has
+    had it. A training step traced after that leaves out the initialisation branches, which
+    otherwise take most of the time of tracing the first step."""
+    return all(bool(w.numpy()) for w in model.weights if qbase.variable_role(w, ["initialized"]))
+
+
 def calibrate(model, data, steps=1):
     """Initialise data-dependent quantizers from ``steps`` batches without changing anything
     else: runs the quantizers' training-mode initialisation while BatchNorm statistics and

@@ -24,7 +24,7 @@ import tf_keras as keras
 from tfq import costs, schemes
 from tfq import data as tfq_data
 from tfq import models as tfq_models
-from tfq.api import quantize_model, quantize_scope
+from tfq.api import calibrate, is_calibrated, quantize_model, quantize_scope
 from tfq.quantizers import base as qbase
 
 def learned_roles():
@@ -127,6 +127,8 @@ def finetune(model, dataset, epochs, batch_size=128, learning_rate=5e-4, seed=0,
     keras.utils.set_random_seed(seed)
     train = _dataset(dataset, "train", batch_size, limit, seed)
     compile_model(model, learning_rate, steps=max(1, epochs * int(train.cardinality())), callbacks=callbacks)
+    if not is_calibrated(model):
+        calibrate(model, train, steps=1)  # eagerly, so the traced step leaves the init branches out
     timer = EpochTimer()
     cbs = [timer, *callbacks]
     if log_dir:

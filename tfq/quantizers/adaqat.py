@@ -158,6 +158,7 @@ class _AdaptiveBitsQuantizer(base.TFQQuantizer):
 
     kind = None
     data_dependent_init = False
+    initialized_when_built = True
 
     def __init__(self, **config):
         config["init_bits"] = base.check_bits(config["init_bits"], "init_bits")

@@ -7,7 +7,8 @@ method) and ``integer_grid(weights)`` describes what it computes at inference.
 Data-dependent initialisation (LSQ+ eq. 7-8, N2UQ, ...) happens inside the graph on the first
 call with ``training=True``: an ``initialized`` flag variable guards a ``tf.cond`` that assigns
 the initial values, so it works eagerly, under ``tf.function`` and in ``model.fit``, and it is
-saved with the model (a loaded model is not re-initialised).
+saved with the model (a loaded model is not re-initialised). A step traced once the flag is
+already set (after ``tfq.calibrate``) holds only a check of the flag, not the ``tf.cond``.
 """
 from __future__ import annotations
 
@@ -169,6 +170,9 @@ class TFQQuantizer(tfmot_quantizers.Quantizer, HasIntegerGrid):
 
     #: whether the quantizer needs to see data (activations) before it is calibrated
     data_dependent_init = True
+    #: the ``initialized`` flag's value at build: True for quantizers that are ready without data
+    #: or a post-training calibration (so ``tfq.train.finetune`` need not calibrate them)
+    initialized_when_built = False
 
     def __init__(self, **config):
         self._config = dict(config)
@@ -180,13 +184,13 @@ class TFQQuantizer(tfmot_quantizers.Quantizer, HasIntegerGrid):
         weights = self._build_variables(tensor_shape, name, layer)
         weights["initialized"] = layer.add_weight(
             f"{name}_initialized", shape=(), dtype=tf.bool, trainable=False,
-            initializer=keras.initializers.Constant(False))
+            initializer=keras.initializers.Constant(self.initialized_when_built))
         return weights
 
     def __call__(self, inputs, training, weights, **kwargs):
         deps = []
         if self.data_dependent_init and (training is True or not self._init_only_when_training):
-            deps.append(self._maybe_initialize(inputs, weights))
+            deps.append(self._initialization_op(inputs, weights))
         with tf.control_dependencies(deps):
             # variable reads inside _forward happen after the (possible) initialisation
             return self._forward(inputs, training, weights)
@@ -214,6 +218,25 @@ class TFQQuantizer(tfmot_quantizers.Quantizer, HasIntegerGrid):
     # --- initialisation --------------------------------------------------------------------
     #: weights may be initialised on any first call; activations only from training batches
     _init_only_when_training = True
+
+    def _initialization_op(self, inputs, weights):
+        """The first-call initialisation, or only a check that it happened when the quantizer is
+        already initialised at the time a ``tf.function`` traces this call.
+
+        Tracing the initialisation branch of every quantizer takes most of the time of tracing
+        a training step (ResNet50: minutes), so a step traced after ``tfq.calibrate`` leaves it
+        out. Its check fails loudly if the quantizer is reset to uninitialised later (say by
+        ``load_weights`` of an untrained model) while that traced step is still in use."""
+        flag = weights["initialized"]
+        if not tf.executing_eagerly():
+            with tf.init_scope():  # the flag's value now, read outside the graph being traced
+                initialized = bool(keras.backend.get_value(flag))
+            if initialized:
+                return tf.debugging.Assert(flag, [
+                    f"quantizer {getattr(self, '_name', '')!r} of layer {getattr(self, '_layer_name', '?')!r} "
+                    "was reset to uninitialised after this step was traced without its initialisation; "
+                    "compile the model again (or call tfq.calibrate) before training"])
+        return self._maybe_initialize(inputs, weights)
 
     def _maybe_initialize(self, inputs, weights):
         flag = weights["initialized"]
