@@ -230,7 +230,7 @@ class TFQQuantizer(tfmot_quantizers.Quantizer, HasIntegerGrid):
         flag = weights["initialized"]
         if not tf.executing_eagerly():
             with tf.init_scope():  # the flag's value now, read outside the graph being traced
-                initialized = bool(keras.backend.get_value(flag))
+                initialized = self.is_initialized(weights)
             if initialized:
                 return tf.debugging.Assert(flag, [
                     f"quantizer {getattr(self, '_name', '')!r} of layer {getattr(self, '_layer_name', '?')!r} "
