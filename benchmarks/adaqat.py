@@ -69,8 +69,10 @@ def run_variant(args, model_name, scenario, lam):
     else:
         rescale = args.rescale if args.rescale != "auto" else ("stddev" if scenario == "finetune" else "constant")
         row["rescale"] = rescale
+        row["alpha_init"] = args.alpha_init
         model = tfq.quantize_model(net, "adaqat", weight_bits=args.init_weight_bits,
-                                   activation_bits=args.init_activation_bits, rescale=rescale)
+                                   activation_bits=args.init_activation_bits, rescale=rescale,
+                                   alpha_init=args.alpha_init if args.alpha_init == "max" else float(args.alpha_init))
         initial_bitops = float(costs.bitops(model))
         cb = AdaQAT(lambda_=lam, lr_weight=args.lr_weight, lr_activation=args.lr_activation,
                     oscillation_limit=args.oscillation_limit)
@@ -143,6 +145,8 @@ def main(argv=None):
     parser.add_argument("--lr_weight", type=float, default=4e-2, help="eta_w (paper: 1e-3 over 150+ epochs)")
     parser.add_argument("--lr_activation", type=float, default=8e-2, help="eta_a (paper: 5e-4 over 150+ epochs)")
     parser.add_argument("--oscillation_limit", type=int, default=10)
+    parser.add_argument("--alpha_init", default="8.0",
+                        help='PACT\'s initial alpha: a number (SAT: 8) or "max" (max |x| of the first batch)')
     parser.add_argument("--rescale", default="auto", choices=("auto", "constant", "stddev", "none"),
                         help="SAT weight rescaling; auto: stddev when fine-tuning (keeps the pretrained weight "
                              "scale, so BatchNorm statistics stay valid), constant (SAT) from scratch")

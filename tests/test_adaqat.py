@@ -13,7 +13,7 @@ from tfq import configs, costs
 from tfq.api import QuantizeWrapper
 from tfq.callbacks.adaqat import AdaQAT
 from tfq.quantizers import adaqat as aq
-from tfq.quantizers.grid import UniformGrid
+from tfq.quantizers.grid import UncalibratedError, UniformGrid
 
 
 # --- independent NumPy references (adaqat.txt sec. III-A, SAT) --------------------------------
@@ -164,6 +164,30 @@ def test_signed_pact_for_tensors_that_can_be_negative():
     np.testing.assert_allclose(grid.dequantize(grid.quantize(y.numpy())), y.numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_alpha_init_max_takes_the_first_training_batch_largest_magnitude(signed):
+    holder = keras.layers.Layer()
+    q = aq.PACTQuantizer(init_bits=3, alpha_init="max", signed=signed)
+    weights = q.build(tf.TensorShape([None, 5]), "output", holder)
+    assert not q.is_initialized(weights)
+    with pytest.raises(UncalibratedError, match="output"):
+        q.integer_grid(weights)                        # export refuses an uncalibrated alpha
+    first = tf.constant([[-2.5, -0.3, 0.2, 0.9, 1.75]])
+    q(first, False, weights)                           # inference never initialises activations
+    assert not q.is_initialized(weights)
+    y = q(first, True, weights).numpy()[0]
+    alpha = 2.5 if signed else 1.75                    # max |x| on [-alpha, alpha], else max x
+    assert float(weights["alpha"]) == pytest.approx(alpha) and q.is_initialized(weights)
+    n = 3 if signed else 7
+    lower = -alpha if signed else 0.0
+    expected = alpha * np.round(np.clip(first.numpy()[0], lower, alpha) / alpha * n) / n
+    np.testing.assert_allclose(y, expected, atol=1e-6)
+    q(first * 4.0, True, weights)                      # later batches leave alpha to training
+    assert float(weights["alpha"]) == pytest.approx(alpha)
+    assert q.integer_grid(weights).scale == pytest.approx(alpha / n)
+    assert aq.PACTQuantizer.from_config(q.get_config()) == q
+
+
 def test_bits_are_ceil_n_at_run_time_with_a_straight_through_derivative():
     q, weights = _pact(4, 1.0)
     x = tf.constant(np.linspace(0.0, 1.0, 1001, dtype=np.float32)[None])
@@ -185,6 +209,8 @@ def test_eight_bit_dorefa_weights_do_not_fit_int8_and_bad_arguments_are_named():
         aq.DoReFaWeightQuantizer(init_bits=9)
     with pytest.raises(ValueError, match="alpha_init"):
         aq.PACTQuantizer(alpha_init=0)
+    with pytest.raises(ValueError, match='alpha_init must be a number > 0 or "max"'):
+        aq.PACTQuantizer(alpha_init="percentile")
     with pytest.raises(ValueError, match="rescale"):
         tfq.schemes.AdaQATScheme(4, 4, rescale="per-channel")
     assert aq.PACTQuantizer.from_config(aq.PACTQuantizer(3, 10.0).get_config()) == aq.PACTQuantizer(3, 10.0)
@@ -241,6 +267,24 @@ def test_scheme_places_dorefa_and_pact_between_8_bit_first_and_last_layers():
         tfq.schemes.get("adaqat", weight_bits=4, init_weight_bits=4)
     with pytest.raises(ValueError, match="init_activation_bits"):
         tfq.schemes.AdaQATScheme(4, 1)
+
+
+def test_scheme_alpha_init_max_calibrates_each_pact_from_its_own_tensor():
+    keras.utils.set_random_seed(0)
+    q = tfq.quantize_model(_small_model(), method="adaqat", weight_bits=5, activation_bits=4, alpha_init="max")
+    assert not tfq.api.is_calibrated(q)
+    x = tf.constant(np.random.default_rng(1).normal(size=(16, 8, 8, 1)), tf.float32)
+    tfq.calibrate(q, x)
+    assert tfq.api.is_calibrated(q)
+    for name in ("quant_relu0", "quant_relu1"):
+        quantizer, weights = costs.output_quantizer(q.get_layer(name))[:2]
+        # the float tensor the quantizer saw: its layer's input through the calibrated model, then ReLU
+        producer = keras.Model(q.input, q.get_layer(name).input)
+        expected = float(tf.reduce_max(tf.nn.relu(producer(x, training=True))))
+        assert float(weights["alpha"]) == pytest.approx(expected, rel=1e-5)
+        assert quantizer.integer_grid(weights).scale == pytest.approx(expected / 15, rel=1e-5)
+    with pytest.raises(ValueError, match="alpha_init"):
+        tfq.quantize_model(_small_model(), method="adaqat", alpha_init="mean")
 
 
 # --- the callback: eq. 3 on a model whose losses are computed by hand ---------------------------

@@ -272,29 +272,44 @@ class PACTQuantizer(_AdaptiveBitsQuantizer):
 
     Args:
       init_bits: initial N_a (2..8).
-      alpha_init: initial clipping level (SAT: 8 before convolutions, 10 before dense layers).
+      alpha_init: initial clipping level (SAT: 8 before convolutions, 10 before dense layers), or
+        "max": the largest ``x`` (``|x|`` when signed) of the first training (or ``tfq.calibrate``)
+        batch, so tensors far from SAT's ReLU ranges (sigmoid gates, swish) start on a fitting grid.
       signed: clip to [-alpha, alpha] on a symmetric grid (for tensors that can be negative).
     """
 
     kind = "activation"
 
     def __init__(self, init_bits=4, alpha_init=8.0, signed=False):
-        alpha_init = float(alpha_init)
-        if not alpha_init > 0:
-            raise ValueError(f"alpha_init must be > 0, got {alpha_init!r}")
+        if alpha_init != "max":
+            try:
+                alpha_init = float(alpha_init)
+            except (TypeError, ValueError):
+                alpha_init = None
+            if alpha_init is None or not alpha_init > 0:
+                raise ValueError(f"alpha_init must be a number > 0 or \"max\", got {alpha_init!r}")
         if not isinstance(signed, bool):
             raise ValueError(f"signed must be True or False, got {signed!r}")
         super().__init__(init_bits=init_bits, alpha_init=alpha_init, signed=signed)
         self.alpha_init = alpha_init
         self.signed = signed
+        # "max" needs data: the quantizer is uncalibrated until it has seen a training batch
+        self.data_dependent_init = self.alpha_init == "max"
+        self.initialized_when_built = not self.data_dependent_init
 
     def _build_variables(self, tensor_shape, name, layer):
+        start = 1.0 if self.alpha_init == "max" else self.alpha_init
         weights = {"alpha": layer.add_weight(
             f"{name}_alpha", shape=(), trainable=True,
-            initializer=keras.initializers.Constant(self.alpha_init),
+            initializer=keras.initializers.Constant(start),
             constraint=base.PositiveConstraint(1e-3))}
         weights.update(self._build_state(name, layer))
         return weights
+
+    def _initial_values(self, inputs, weights):
+        """``alpha_init="max"``: alpha = the batch's max |x| (signed) or max x (at least 1e-3)."""
+        x = tf.cast(inputs, tf.float32)
+        return {"alpha": tf.maximum(tf.reduce_max(tf.abs(x) if self.signed else x), 1e-3)}
 
     def _forward(self, inputs, training, weights):
         x = tf.convert_to_tensor(inputs)
@@ -302,6 +317,7 @@ class PACTQuantizer(_AdaptiveBitsQuantizer):
         return pact_quantize(x, alpha, self.bits(weights), self.signed)
 
     def integer_grid(self, weights):
+        self._require_initialized(weights)
         k = self.current_bits(weights)
         n = max(2 ** (k - 1) - 1, 1) if self.signed else 2 ** k - 1
         alpha = max(float(keras.backend.get_value(weights["alpha"])), 1e-3)
