@@ -72,7 +72,7 @@ def run_variant(args, model_name, scenario, lam):
         row["alpha_init"] = args.alpha_init
         model = tfq.quantize_model(net, "adaqat", weight_bits=args.init_weight_bits,
                                    activation_bits=args.init_activation_bits, rescale=rescale,
-                                   alpha_init=args.alpha_init if args.alpha_init == "max" else float(args.alpha_init))
+                                   alpha_init=args.alpha_init)  # PACTQuantizer parses and checks it
         initial_bitops = float(costs.bitops(model))
         cb = AdaQAT(lambda_=lam, lr_weight=args.lr_weight, lr_activation=args.lr_activation,
                     oscillation_limit=args.oscillation_limit)
@@ -146,7 +146,7 @@ def main(argv=None):
     parser.add_argument("--lr_activation", type=float, default=8e-2, help="eta_a (paper: 5e-4 over 150+ epochs)")
     parser.add_argument("--oscillation_limit", type=int, default=10)
     parser.add_argument("--alpha_init", default="8.0",
-                        help='PACT\'s initial alpha: a number (SAT: 8) or "max" (max |x| of the first batch)')
+                        help='PACT\'s initial alpha: a number (SAT: 8) or "max" (the first batch\'s max x, max |x| if signed)')
     parser.add_argument("--rescale", default="auto", choices=("auto", "constant", "stddev", "none"),
                         help="SAT weight rescaling; auto: stddev when fine-tuning (keeps the pretrained weight "
                              "scale, so BatchNorm statistics stay valid), constant (SAT) from scratch")
