@@ -70,9 +70,11 @@ def run_variant(args, model_name, scenario, lam):
         rescale = args.rescale if args.rescale != "auto" else ("stddev" if scenario == "finetune" else "constant")
         row["rescale"] = rescale
         row["alpha_init"] = args.alpha_init
+        row["signed_activations"] = args.signed_activations
         model = tfq.quantize_model(net, "adaqat", weight_bits=args.init_weight_bits,
                                    activation_bits=args.init_activation_bits, rescale=rescale,
-                                   alpha_init=args.alpha_init)  # PACTQuantizer parses and checks it
+                                   alpha_init=args.alpha_init,  # PACTQuantizer parses and checks it
+                                   signed_activations=args.signed_activations)
         initial_bitops = float(costs.bitops(model))
         cb = AdaQAT(lambda_=lam, lr_weight=args.lr_weight, lr_activation=args.lr_activation,
                     oscillation_limit=args.oscillation_limit)
@@ -147,6 +149,9 @@ def main(argv=None):
     parser.add_argument("--oscillation_limit", type=int, default=10)
     parser.add_argument("--alpha_init", default="8.0",
                         help='PACT\'s initial alpha: a number (SAT: 8) or "max" (the first batch\'s max x, max |x| if signed)')
+    parser.add_argument("--signed_activations", default="asymmetric", choices=("asymmetric", "symmetric"),
+                        help="PACT grid of tensors that can be negative (swish, residual sums): a calibrated "
+                             "share of steps below zero, or [-alpha, alpha]")
     parser.add_argument("--rescale", default="auto", choices=("auto", "constant", "stddev", "none"),
                         help="SAT weight rescaling; auto: stddev when fine-tuning (keeps the pretrained weight "
                              "scale, so BatchNorm statistics stay valid), constant (SAT) from scratch")

@@ -109,13 +109,24 @@ EXPORTERS = {"fp32": export_fp32, "tfq-int8": export_tfq_int8, "tfq-int4w": expo
 
 def size_breakdown(path):
     """Bytes of a .tflite file by content: constant data per tensor type, and per-channel quantization
-    metadata (float32 scales + int64 zero points) of constant tensors, split weights / int32 biases."""
+    metadata (float32 scales + int64 zero points) of constant tensors, split weights / int32 biases.
+    A scale or zero-point vector shared by several tensors (``tfq.export.flatbuffer``) counts once, under
+    the first tensor that holds it."""
     from ai_edge_litert import schema_py_generated as schema
+    from tfq.export.flatbuffer import SCALE_FIELD, ZERO_POINT_FIELD, vector_position
     data = open(path, "rb").read()
     model = schema.Model.GetRootAsModel(data, 0)
     type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
     out = {"file": len(data), "constant_data": {}, "quant_metadata_weights": 0, "quant_metadata_int32": 0,
            "quant_metadata_activations": 0}
+    counted = set()  # file positions of the quantization vectors already counted
+
+    def unshared_bytes(quant, field, length, item_bytes):
+        position = vector_position(quant, field)
+        if position is None or position in counted:
+            return 0
+        counted.add(position)
+        return item_bytes * length
     for index in range(model.SubgraphsLength()):
         subgraph = model.Subgraphs(index)
         for t in range(subgraph.TensorsLength()):
@@ -128,7 +139,8 @@ def size_breakdown(path):
             quant = tensor.Quantization()
             if quant is None:
                 continue
-            meta = 4 * quant.ScaleLength() + 8 * quant.ZeroPointLength()
+            meta = (unshared_bytes(quant, SCALE_FIELD, quant.ScaleLength(), 4)
+                    + unshared_bytes(quant, ZERO_POINT_FIELD, quant.ZeroPointLength(), 8))
             key = ("quant_metadata_activations" if not size else
                    "quant_metadata_int32" if name == "INT32" else "quant_metadata_weights")
             out[key] += meta
@@ -137,8 +149,9 @@ def size_breakdown(path):
 
 def metadata_share(variants):
     """How much of the int8 file is per-channel quantization metadata, and the fp32/int8 size ratio
-    without it. TFLite's interpreter requires as many int64 zero points as float32 scales (12 bytes per
-    output channel), and the converter writes them for the weights and again for the int32 biases."""
+    without it. TFLite's interpreter requires as many int64 zero points as float32 scales, and the
+    converter writes both for the weights and again for the int32 biases (12 bytes per output channel,
+    twice); ``to_tflite`` stores equal vectors once, which leaves mostly the float32 scales."""
     fp32, int8 = variants["fp32"]["size_breakdown"], variants["tfq-int8"]["size_breakdown"]
     metadata = int8["quant_metadata_weights"] + int8["quant_metadata_int32"]
     return {"per_channel_metadata_bytes": metadata, "metadata_share_of_int8_file": metadata / int8["file"],

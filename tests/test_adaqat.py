@@ -164,6 +164,95 @@ def test_signed_pact_for_tensors_that_can_be_negative():
     np.testing.assert_allclose(grid.dequantize(grid.quantize(y.numpy())), y.numpy(), atol=1e-6)
 
 
+def test_asymmetric_pact_calibrates_its_share_below_zero_and_follows_sat():
+    """First batch: max x = 3.0, min x = -0.6 -> r = 0.6/3.6 = 1/6; at 4 bits n = 15, z = round(2.5)
+    = 2 codes below zero (half to even), p = 13 above, step 3/13; alpha stays SAT's constant 3.0."""
+    alpha, bits = 3.0, 4
+    holder = keras.layers.Layer()
+    q = aq.PACTQuantizer(init_bits=bits, alpha_init=alpha, signed=True, asymmetric=True)
+    weights = q.build(tf.TensorShape([None, 7]), "output", holder)
+    assert not q.is_initialized(weights)          # the share needs data, even with a numeric alpha
+    with pytest.raises(UncalibratedError, match="output"):
+        q.integer_grid(weights)
+    x = tf.constant([[-0.6, -0.5, -0.1, 0.0, 0.4, 2.9, 3.0]])
+    q(x, True, weights)
+    assert float(weights["negative_share"]) == pytest.approx(1 / 6) and float(weights["alpha"]) == alpha
+    x = tf.constant([[-1.0, -0.45, -0.1, 0.0, 0.4, 2.9, 3.5]])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = q(x, True, weights)
+        loss = tf.reduce_sum(y)
+    dx, dalpha = tape.gradient(loss, [x, weights["alpha"]])
+    step, z, p = alpha / 13, 2, 13
+    xs = x.numpy()[0]
+    codes = np.round(np.clip(xs, -z * step, alpha) / step)
+    np.testing.assert_allclose(y.numpy()[0], codes * step, atol=1e-6)
+    assert codes.min() == -2 and codes.max() == 13
+    np.testing.assert_allclose(dx.numpy()[0], [0, 1, 1, 1, 1, 1, 0])   # inside [-z step, alpha)
+    inside = sum(c / p - v / alpha for c, v in zip(codes[1:6], xs[1:6]))
+    assert float(dalpha) == pytest.approx(inside - z / p + 1.0, rel=1e-5)  # -z/p below, 1 above
+    grid = q.integer_grid(weights)
+    assert (grid.qmin, grid.qmax, grid.bits, int(grid.zero_point)) == (-2, 13, 4, 0)
+    assert float(grid.scale) == pytest.approx(step)
+    np.testing.assert_array_equal(grid.quantize(y.numpy()[0].astype(np.float64)), codes)
+    weights["activation_bits"].assign(2.0)         # 2 bits: n = 3, z = round(0.5) = 0 -> unsigned grid
+    grid = q.integer_grid(weights)
+    assert (grid.qmin, grid.qmax) == (0, 3)
+    np.testing.assert_allclose(q(x, False, weights).numpy()[0], np_pact(xs, alpha, 2), atol=1e-6)
+    assert aq.PACTQuantizer.from_config(q.get_config()) == q
+    assert aq.PACTQuantizer.from_config(q.get_config()) != aq.PACTQuantizer(bits, alpha, signed=True)
+    with pytest.raises(ValueError, match="asymmetric=True is for signed PACT"):
+        aq.PACTQuantizer(bits, alpha, asymmetric=True)
+    with pytest.raises(ValueError, match="signed_activations must be one of"):
+        tfq.schemes.AdaQATScheme(4, 4, signed_activations="skewed")
+
+
+def test_asymmetric_pact_with_alpha_max_takes_the_largest_positive_value():
+    holder = keras.layers.Layer()
+    q = aq.PACTQuantizer(init_bits=8, alpha_init="max", signed=True, asymmetric=True)
+    weights = q.build(tf.TensorShape([None, 4]), "output", holder)
+    q(tf.constant([[-0.25, 0.0, 1.0, 4.75]]), True, weights)
+    assert float(weights["alpha"]) == pytest.approx(4.75)
+    assert float(weights["negative_share"]) == pytest.approx(0.05)
+    grid = q.integer_grid(weights)
+    assert (grid.qmin, grid.qmax) == (-13, 242)   # z = round(0.05 * 255) = 13
+
+
+@pytest.mark.parametrize("signed_activations", ["asymmetric", "symmetric"])
+def test_swish_model_exports_its_signed_pact_grids_exactly(signed_activations):
+    """Conv -> BN -> swish (signed PACT) -> Conv -> ReLU (unsigned PACT) -> pool -> Dense at W4/A4,
+    calibrated and snapped as ``tfq train`` does: the int8 graph equals the IntegerGraph (reference
+    kernels) bit for bit and Keras within one step."""
+    from tfq.export import tflite as tfl, verify as ver
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((10, 10, 1))
+    x = keras.layers.Conv2D(6, 3, name="c0")(inputs)
+    x = keras.layers.BatchNormalization(name="bn0")(x)
+    x = keras.layers.Activation("swish", name="swish")(x)
+    x = keras.layers.Conv2D(6, 3, name="c1")(x)
+    x = keras.layers.ReLU(name="relu")(x)
+    x = keras.layers.Conv2D(6, 1, name="c2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="out")(x))
+    q = tfq.quantize_model(model, method="adaqat", weight_bits=4, activation_bits=4, alpha_init="max",
+                           signed_activations=signed_activations)
+    images = np.random.default_rng(2).uniform(0, 1, (64, 10, 10, 1)).astype(np.float32)
+    tfq.calibrate(q, images)
+    quantizer, weights = costs.output_quantizer(q.get_layer("quant_swish"))[:2]
+    assert quantizer.signed and quantizer.asymmetric == (signed_activations == "asymmetric")
+    grid = quantizer.integer_grid(weights)
+    if quantizer.asymmetric:                         # swish >= -0.28: few of the 15 steps below zero
+        assert 0 < -grid.qmin < grid.qmax and grid.qmax - grid.qmin == 15
+    else:
+        assert (grid.qmin, grid.qmax) == (-7, 7)
+    tfl.snap_biases(q)
+    flat = tfl.to_tflite(q)
+    report = ver.verify(q, flat, images)
+    assert report["integer_graph_vs_reference"]["bit_exact"], report
+    assert report["xnnpack"]["within_one_step"] >= 0.999, report
+    assert report["xnnpack"]["argmax_agreement"] in (None, 1.0), report
+
+
 @pytest.mark.parametrize("signed", [False, True])
 def test_alpha_init_max_takes_the_first_training_batch_largest_magnitude(signed):
     holder = keras.layers.Layer()

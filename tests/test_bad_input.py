@@ -265,6 +265,26 @@ def test_tflite_conversion_failure_names_the_layer(calibrated, failing_converter
         tfq.export.to_tflite(calibrated)
 
 
+class _NotConvertible(keras.layers.Layer):
+    """An op TFLite's builtin set lacks (DenseBincount): the real converter fails on it."""
+
+    def call(self, x):
+        counts = tf.math.bincount(tf.cast(tf.reshape(x, [-1]), tf.int32), minlength=4, maxlength=4)
+        return tf.cast(counts, tf.float32)[None] + tf.reduce_sum(x)
+
+
+def test_a_real_conversion_failure_names_the_layer(calibrated, monkeypatch):
+    """The MLIR converter's message text often holds only the error; the op's location
+    (``tiny/quant_conv2/bincount/DenseBincount@...``) comes in ``ConverterError.errors``."""
+    from tfq.export import tflite as tfl
+    inputs = keras.Input(SHAPE)
+    broken = keras.Model(inputs, _NotConvertible(name="quant_conv2")(inputs), name="tiny")
+    monkeypatch.setattr(tfl, "build_inference_model", lambda *args, **kwargs: (broken, None))
+    with pytest.raises(tfq.export.ExportError, match=r"TFLite conversion of 'tiny' failed at layer 'conv2': "
+                                                     r"(?s:.*)DenseBincount"):
+        tfq.export.to_tflite(calibrated, int8_io=False)   # float io: the stand-in graph is float
+
+
 # --- benchmark targets without their tools ----------------------------------------------------
 @pytest.fixture
 def tflite_file(tmp_path):

