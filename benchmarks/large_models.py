@@ -274,7 +274,9 @@ def main(argv=None):
         for method in methods:
             results["variants"] = [v for v in results["variants"]
                                    if (v.get("model"), v.get("method")) != (model_name, method)]
-            save_row(results, run_child(model_name, method, args), args.out)
+            row = run_child(model_name, method, args)
+            row.setdefault("cpu", results["machine"]["cpu"])  # --append keeps rows measured elsewhere
+            save_row(results, row, args.out)
     results["scaling"] = scaling(results["variants"])
     results["scaling_cpu"] = scaling(results["variants"], "cpu_seconds")
     write(results, args.out)

@@ -105,7 +105,9 @@ def large_models_table(results):
             rows.append(f"| {v['model']} | {v['method']} | {failed[:140]} |" + " |" * 9)
             continue
         fix = re.search(r"before ([0-9a-f]{7})", v.get("run", ""))
-        note = "; ".join(([f"export before {fix.group(1)}"] if fix else []) + ([failed[:100]] if failed else []))
+        elsewhere = v.get("cpu") not in (None, results["machine"]["cpu"])
+        note = "; ".join(([f"export before {fix.group(1)}"] if fix else []) + ([failed[:100]] if failed else [])
+                         + ([f"on {v['cpu']}"] if elsewhere else []))
         peak = lambda step: (f"{v[step + '_peak_rss_mb']:.0f} ({v[step + '_rss_before_mb']:.0f})"  # noqa: E731
                              if step + "_peak_rss_mb" in v else "—")
         rows.append(f"| {v['model']} | {v['method']} | {v['layers']} | {v['params'] / 1e6:.2f} | "
@@ -114,7 +116,8 @@ def large_models_table(results):
                     f"{_fmt(v.get('train_step2_seconds'), '.1f')} | {_fmt(v.get('export_seconds'), '.0f')} | "
                     f"{peak('train_step')} | {peak('export')} | {note} |")
     rows.append("")
-    rows.append(_machine_line(results) + " Seconds are wall time on a shared machine; peaks are each step's own "
+    rows.append(_machine_line(results) + " Rows whose note names another CPU were measured there (the command "
+                "lists every run). Seconds are wall time on a shared machine; peaks are each step's own "
                 "(VmHWM reset before it) in a fresh process per row.")
     return "\n".join(rows)
 
