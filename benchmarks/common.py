@@ -21,6 +21,32 @@ def new_results(name, args, argv=None, **extra):
             "machine": train.machine_info(), **extra, "variants": []}
 
 
+def finished_rows(results, out, key):
+    """For ``--resume``: the rows without an error of an earlier run written at ``out``, as
+    ``{key(row): row}``, or ``{}`` if ``out`` does not exist. The earlier run must have the same
+    protocol (``--resume`` aside) and CPU as ``results``, so its timings and ratios stay comparable;
+    otherwise SystemExit names what differs. Top-level entries the earlier run added (a plot's
+    data) are carried into ``results``."""
+    if not os.path.exists(out):
+        return {}
+    with open(out) as f:
+        earlier = json.load(f)
+    protocol = {k: v for k, v in results["protocol"].items() if k != "resume"}
+    before = {k: v for k, v in earlier.get("protocol", {}).items() if k != "resume"}
+    differing = sorted(k for k in set(protocol) | set(before) if protocol.get(k) != before.get(k))
+    if differing:
+        raise SystemExit(f"--resume: {out} was written with other arguments ({', '.join(differing)}: "
+                         f"{[before.get(k) for k in differing]}, now {[protocol.get(k) for k in differing]})")
+    if earlier["machine"]["cpu"] != results["machine"]["cpu"]:
+        raise SystemExit(f"--resume: {out} was measured on {earlier['machine']['cpu']!r}, this is "
+                         f"{results['machine']['cpu']!r}; its epoch times would not be comparable")
+    for key_, value in earlier.items():  # what the earlier run added (plots, histograms)
+        results.setdefault(key_, value)
+    results["resumed_from"] = earlier.get("resumed_from", []) + [
+        {"date": earlier["machine"].get("date"), "command": earlier["command"]}]
+    return {key(row): row for row in earlier["variants"] if "error" not in row}
+
+
 def describe_error(err):
     """One line for a variant that failed (a failing variant is a result, not a crash)."""
     traceback.print_exc(limit=3)

@@ -8,6 +8,8 @@ variants have the same memory budget. Records Keras test accuracy (before and af
 snap), TFLite accuracy, the achieved weight memory, per-layer bits and epoch times; plots the per-layer bits of the mixed variants (fig. 3).
 
     python -m benchmarks.ddq --epochs=3                # or: make bench ONLY=ddq
+
+``--resume`` keeps the finished variants of an interrupted run with the same arguments on the same CPU.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ import time
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 
-from benchmarks.common import (describe_error, export_accuracy, median_epoch, new_results, save_figure,
-                               save_row, write)
+from benchmarks.common import (describe_error, export_accuracy, finished_rows, median_epoch, new_results,
+                               save_figure, save_row, write)
 
 from tfq import costs, train
 
@@ -88,6 +90,8 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=None,
                         help="fine-tune on the first N training examples only (quick runs; protocol: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the finished variants of an earlier run at --out (same arguments and CPU)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "ddq.json"))
     parser.add_argument("--plot", default=os.path.join(DOCS, "ddq_bits.png"))
     args = parser.parse_args(argv)
@@ -98,8 +102,16 @@ def main(argv=None):
         variants += [("ddq", mode, 0.0), ("ddq", mode, args.grad_correction)]
 
     results = new_results("ddq", args, argv)
+    variant_key = lambda row: (row["method"], row["mode"], row["grad_correction"])  # noqa: E731
+    finished = finished_rows(results, args.out, variant_key) if args.resume else {}
     float_epoch = None
     for method, mode, correction in variants:
+        if (method, mode, correction) in finished:
+            row = finished[(method, mode, correction)]
+            float_epoch = row["median_epoch_seconds"] if method == "float" else float_epoch
+            print(f"kept from {args.out}: {method} {mode} {correction}", flush=True)
+            results["variants"].append(row)
+            continue
         net, _ = train.float_model("fashion_mnist", args.model, args.float_epochs, seed=args.seed,
                                    cache_dir=CACHE, verbose=0)  # float: always the full train split
         row = {"method": method, "mode": mode, "grad_correction": correction,

@@ -1,9 +1,11 @@
 """Export benchmark (issue 3), following shared/BENCHMARKS.md.
 
 For each model and bit-width: the cached float checkpoint, LSQ+ (config 4) fine-tuned with the
-shared budget, then exported with ``tfq.export``: Keras, TFLite (XNNPACK) and IntegerGraph test
+shared budget, its biases snapped for export with the tie guard on ``--tie_guard_examples`` training
+images (``tfq.train.snap_biases_for_export``, as ``tfq train`` does), then exported with ``tfq.export``: Keras, TFLite (XNNPACK) and IntegerGraph test
 accuracy on the full Fashion-MNIST test set, parity in output steps, file sizes fp32 / int8 /
-int4-weights, and whether tfmot's own n-bit scheme exports the same bit-width.
+int4-weights with the largest fp32/int8 ratio any per-channel int8 file of the network could reach
+(``benchmarks.latency.size_ceiling``), and whether tfmot's own n-bit scheme exports the same bit-width.
 
     python -m benchmarks.export --models=small_cnn,mobile_swish --bits=8,4,2    # or make bench ONLY=export
 
@@ -24,6 +26,7 @@ import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 import tensorflow as tf
 
 from benchmarks.common import new_results
+from benchmarks.latency import size_breakdown, size_ceiling
 from benchmarks.lsq import CACHE, RESULTS, tfmot_variant
 from tfq import data, train
 from tfq.export import runs, tflite, verify
@@ -73,6 +76,9 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=None, help="fine-tuning examples (protocol: all)")
     parser.add_argument("--narrow_range_weights", type=int, default=1,
                         help="1: symmetric weight codes at every bit-width (keeps folded layers INT4)")
+    parser.add_argument("--tie_guard_examples", type=int, default=train.TIE_GUARD_EXAMPLES,
+                        help="training images for tfq.export.guard_ties after the bias snap, as tfq train "
+                             "does (0: no guard)")
     parser.add_argument("--bias_grid_steps", type=int, default=0, help="steps of finetune_on_bias_grid (0: none)")
     parser.add_argument("--bias_grid_lr", type=float, default=1e-4, help="its learning rate (cosine decay)")
     parser.add_argument("--bias_grid_update", default="straight_through",
@@ -98,7 +104,9 @@ def main(argv=None):
                                        narrow_range_weights=bool(args.narrow_range_weights))
                 train.finetune(q, "fashion_mnist", args.epochs, limit=args.limit, verbose=0)
                 row["keras_accuracy_before_bias_snap"] = train.evaluate(q, "fashion_mnist")
-                row["bias_snap"] = train.snap_biases_for_export(q)
+                guard = data.load_numpy("fashion_mnist", "train", limit=args.tie_guard_examples)[0] \
+                    if args.tie_guard_examples else None
+                row["bias_snap"] = train.snap_biases_for_export(q, tie_guard_images=guard)
                 row["keras_accuracy"] = train.evaluate(q, "fashion_mnist")
                 if args.bias_grid_steps:
                     bias_grid_phase(q, args, row)
@@ -106,6 +114,7 @@ def main(argv=None):
                 int8 = tflite.to_tflite(q)
                 row["export_seconds"] = time.perf_counter() - start
                 row["int8_bytes"] = len(int8)
+                row["size_ceiling"] = size_ceiling(fp32_bytes, size_breakdown(int8))
                 if bits <= 4:
                     row["int4_weights_bytes"] = len(tflite.to_tflite(q, int4_weights=True))
                 row["fp32_bytes"] = fp32_bytes

@@ -17,7 +17,8 @@ Each quantized variant is then exported (bias snap, ``tfq.export.to_tflite``) an
 the first N2UQ variant of the lowest bit-width, the histogram of ``beta1 * x`` at the inputs of
 two activation quantizers (``--plot_layers``) is stored with the learned thresholds and drawn to
 ``docs/n2uq_thresholds.png`` (paper fig. 3). ``--seeds`` repeats every variant per seed (float
-checkpoint and fine-tuning both seeded) for mean and spread.
+checkpoint and fine-tuning both seeded) for mean and spread. ``--resume`` keeps the finished
+variants of an interrupted run with the same arguments on the same CPU.
 
     python -m benchmarks.n2uq --epochs=1 --limit=20000 --bits=2,3    # the LSQ benchmark's reduced budget
     python -m benchmarks.n2uq --epochs=3 --bits=2,3,4                # protocol budget
@@ -26,13 +27,14 @@ checkpoint and fine-tuning both seeded) for mean and spread.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 import numpy as np
 
-from benchmarks.common import (describe_error, export_accuracy, finetune_and_evaluate, new_results, save_figure,
-                               save_row, write)
+from benchmarks.common import (describe_error, export_accuracy, finetune_and_evaluate, finished_rows, new_results,
+                               save_figure, save_row, write)
 from tfq import costs, data, train
 from tfq.quantizers import n2uq
 
@@ -139,6 +141,8 @@ def main(argv=None):
     parser.add_argument("--no_export", action="store_true", help="skip the TFLite export and its accuracy")
     parser.add_argument("--plot_layers", default="quant_stem_act,quant_block4_pw_act",
                         help="two N2UQ activation layers for the threshold plot ('' skips it)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the finished variants of an earlier run at --out (same arguments and CPU)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "n2uq.json"))
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
@@ -157,12 +161,21 @@ def main(argv=None):
         variants += [(choices[name][0], bits, dict(choices[name][1])) for name in names]
 
     results = new_results("n2uq", args, argv, quick_run=args.limit is not None)
+    variant_key = lambda row: (row["method"], row["weight_bits"], json.dumps(row["options"], sort_keys=True),  # noqa: E731
+                               row["seed"])
+    finished = finished_rows(results, args.out, variant_key) if args.resume else {}
     plot_layers = [n for n in args.plot_layers.split(",") if n]
     plot_bits = min(bits_list)
     for seed in seeds:
         seed_args = argparse.Namespace(**{**vars(args), "seed": seed})  # results["protocol"] keeps --seed
         float_epoch = None
         for method, bits, options in variants:
+            kept = finished.get((method, bits, json.dumps(options, sort_keys=True), seed))
+            if kept is not None:
+                float_epoch = kept["median_epoch_seconds"] if method == "float" else float_epoch
+                print(f"kept from {args.out}: {method} W{bits} seed {seed}", flush=True)
+                results["variants"].append(kept)
+                continue
             net, _ = train.float_model("fashion_mnist", args.model, args.float_epochs, seed=seed,
                                        cache_dir=CACHE, verbose=0)  # float: always the full train split
             row = {"method": method, "weight_bits": bits, "activation_bits": bits, "options": options, "seed": seed}

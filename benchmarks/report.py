@@ -53,12 +53,12 @@ def _machine_line(results):
 def export_table(results):
     rows = ["| model | W/A bits | Keras acc. before bias snap | Keras acc. | TFLite acc. | IntegerGraph acc. | "
             "TFLite within 1 step | IntegerGraph = reference kernels | fp32 KiB | int8 KiB | int4-w KiB | fp32/int8 | "
-            "tfmot n-bit exports? |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "fp32/int8 ceiling | tfmot n-bit exports? |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in results["variants"]:
         bits = f"{v['weight_bits']}/{v['activation_bits']}"
         if "error" in v:
-            rows.append(f"| {v['model']} | {bits} | error: {v['error'][:100]} |" + " |" * 10)
+            rows.append(f"| {v['model']} | {bits} | error: {v['error'][:100]} |" + " |" * 11)
             continue
         p = v["parity"]
         kib = lambda key: _fmt(v[key] / 1024 if key in v else None, ".1f")  # noqa: E731
@@ -67,15 +67,26 @@ def export_table(results):
             f"{v['keras_accuracy']:.4f} | {v['tflite_accuracy']:.4f} | "
             f"{v['integer_graph_accuracy']:.4f} | {100 * p['xnnpack']['within_one_step']:.2f}% | "
             f"{p['integer_graph_vs_reference']['bit_exact']} | {kib('fp32_bytes')} | {kib('int8_bytes')} | "
-            f"{kib('int4_weights_bytes')} | {v['fp32_bytes'] / v['int8_bytes']:.2f}x | "
+            f"{kib('int4_weights_bytes')} | {v['fp32_bytes'] / v['int8_bytes']:.2f}x | {_ceiling(v)} | "
             f"{v['tfmot_nbit_exports'][:80]} |")
     protocol = results["protocol"]
     rows.append("")
     narrow = ", narrow-range (symmetric) weights" if protocol.get("narrow_range_weights") else ""
     rows.append(_machine_line(results) + f" LSQ+ config {protocol['config']}{narrow}, fine-tuning epochs "
                 f"{protocol['epochs']} on {protocol.get('limit') or 'all 60000'} examples; accuracies on the full "
-                "10,000-image test set; parity on the first 2,000 test images.")
+                "10,000-image test set; parity on the first 2,000 test images. Ceiling: the fp32/int8 ratio of a file "
+                "holding only what this int8 file cannot drop (operators, tensors, shapes, constant data and one "
+                "float32 scale per weight channel; no tensor names, no other quantization vectors); in brackets the "
+                "data and weight scales alone, a bound for any per-channel int8 file of the network "
+                "(`benchmarks.latency.size_ceiling`).")
     return "\n".join(rows)
+
+
+def _ceiling(variant):
+    ceiling = variant.get("size_ceiling")
+    if not ceiling:
+        return "-"
+    return f"{ceiling['plus_graph']:.2f}x ({ceiling['data_and_weight_scales']:.2f}x)"
 
 
 def latency_table(results):

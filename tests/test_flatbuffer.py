@@ -194,3 +194,27 @@ def test_size_breakdown_counts_a_shared_vector_once(exported, tmp_path, monkeypa
         expected = sum(payload(_quantization_vectors(flatbuffer, field), distinct)
                        for field in (fb.SCALE_FIELD, fb.ZERO_POINT_FIELD))
         assert metadata(flatbuffer, name) == expected, name
+
+
+def test_size_ceiling_counts_weights_biases_scales_and_the_graph(exported, monkeypatch):
+    """The ceiling's data: int8 kernels (one byte per weight), int32 constants (the biases of conv,
+    depthwise and pointwise, 8 + 8 + 16 channels: the untrained logits' zero bias is dropped by the
+    converter; the pooling's two axes) and one float32 scale per output channel of the per-channel
+    kernels plus one for the per-tensor Dense kernel; the graph is the rest of the int8 file without
+    tensor names and quantization vectors (each distinct vector once)."""
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks.latency import size_breakdown, size_ceiling
+    shared, _ = exported
+    int8 = size_breakdown(shared)
+    weights, int32 = 3 * 3 * 3 * 8 + 3 * 3 * 8 + 8 * 16 + 16 * 5, 4 * (8 + 8 + 16 + 2)
+    scales = 8 + 8 + 16 + 1
+    assert int8["constant_data"] == {"INT8": weights, "INT32": int32}
+    assert int8["weight_scales"] == scales
+    names = sum(len(d["name"]) for d in Interpreter(model_content=shared).get_tensor_details())
+    vectors = sum(len(contents) for field in (fb.SCALE_FIELD, fb.ZERO_POINT_FIELD)
+                  for _, contents in set(_quantization_vectors(shared, field)))  # one per file position
+    graph = len(shared) - weights - int32 - names - vectors
+    ceiling = size_ceiling(100_000, int8)
+    assert ceiling["graph_bytes"] == graph > 0
+    assert ceiling["data_and_weight_scales"] == pytest.approx(100_000 / (weights + int32 + 4 * scales))
+    assert ceiling["plus_graph"] == pytest.approx(100_000 / (weights + int32 + 4 * scales + graph))
