@@ -16,7 +16,7 @@ Each quantized variant is then exported (bias snap, ``tfq.export.to_tflite``) an
 (XNNPACK) test accuracy recorded, after the BatchNorm re-estimation when that column is on. For
 the first N2UQ variant of the lowest bit-width, the histogram of ``beta1 * x`` at the inputs of
 two activation quantizers (``--plot_layers``) is stored with the learned thresholds and drawn to
-``docs/n2uq_thresholds.png`` (paper fig. 3). ``--seeds`` repeats every variant per seed (float
+``--plot`` (default ``docs/n2uq_thresholds.png``; paper fig. 3). ``--seeds`` repeats every variant per seed (float
 checkpoint and fine-tuning both seeded) for mean and spread. ``--resume`` keeps the finished
 variants of an interrupted run with the same arguments on the same CPU.
 
@@ -144,6 +144,7 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true",
                         help="keep the finished variants of an earlier run at --out (same arguments and CPU)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "n2uq.json"))
+    parser.add_argument("--plot", default=PLOT, help="where the threshold plot goes")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [args.seed]
     bits_list = [int(b) for b in args.bits.split(",")]
@@ -197,7 +198,7 @@ def main(argv=None):
                             "layers": threshold_histograms(model, plot_layers, images)}
                         plot_thresholds(results["threshold_histograms"]["layers"],
                                         f"N2UQ W{bits}A{bits}, mobile_swish, seed {seed}: learned thresholds "
-                                        f"vs the activation histogram ({len(images)} test images)")
+                                        f"vs the activation histogram ({len(images)} test images)", args.plot)
                 if method == "float":
                     float_epoch = row["median_epoch_seconds"]
                 elif not args.no_export:
