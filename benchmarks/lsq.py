@@ -6,15 +6,18 @@ n-bit schemes, all with the same fine-tuning budget from the same checkpoint. Re
 test accuracy and the median epoch seconds over epochs 2..E relative to the float epoch.
 
     python -m benchmarks.lsq --epochs=3 --bits=4,3,2        # or: make bench ONLY=lsq
+
+``--resume`` keeps the finished variants of an interrupted run with the same arguments on the same CPU.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 
-from benchmarks.common import describe_error, finetune_and_evaluate, new_results, save_row
+from benchmarks.common import describe_error, finetune_and_evaluate, finished_rows, new_results, save_row
 from tfq import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,6 +53,8 @@ def main(argv=None):
                         help="k of the log scale form (default: the scheme's)")
     parser.add_argument("--bn_images", type=int, default=0,
                         help="also record accuracy after re-estimating BatchNorm statistics on N images")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the finished variants of an earlier run at --out (same arguments and CPU)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "lsq.json"))
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
@@ -71,8 +76,16 @@ def main(argv=None):
         variants.append(("tfmot-8bit", 8, None))
 
     results = new_results("lsq", args, argv)
+    variant_key = lambda row: (row["method"], row["weight_bits"], json.dumps(row["options"], sort_keys=True))  # noqa: E731
+    finished = finished_rows(results, args.out, variant_key) if args.resume else {}
     float_epoch = None
     for method, bits, options in variants:
+        kept = finished.get((method, bits, json.dumps(options, sort_keys=True)))
+        if kept is not None:
+            float_epoch = kept["median_epoch_seconds"] if method == "float" else float_epoch
+            print(f"kept from {args.out}: {method} W{bits} {options}", flush=True)
+            results["variants"].append(kept)
+            continue
         net, ckpt = train.float_model("fashion_mnist", args.model, args.float_epochs, seed=args.seed,
                                       cache_dir=CACHE, verbose=0)  # float: always the full train split
         row = {"method": method, "weight_bits": bits, "activation_bits": bits, "options": options}

@@ -197,16 +197,17 @@ def test_size_breakdown_counts_a_shared_vector_once(exported, tmp_path, monkeypa
 
 
 def test_size_ceiling_counts_weights_biases_scales_and_the_graph(exported, monkeypatch):
-    """The ceiling's data: int8 kernels (one byte per weight), int32 constants (the biases of conv,
-    depthwise and pointwise, 8 + 8 + 16 channels: the untrained logits' zero bias is dropped by the
-    converter; the pooling's two axes) and one float32 scale per output channel of the per-channel
-    kernels plus one for the per-tensor Dense kernel; the graph is the rest of the int8 file without
-    tensor names and quantization vectors (each distinct vector once)."""
+    """The ceiling's data: int8 kernels (one byte per weight), int32 constants and one float32 scale
+    per output channel of the per-channel kernels plus one for the per-tensor Dense kernel; the
+    graph is the rest of the int8 file without tensor names and quantization vectors (each distinct
+    vector once). The model is untrained, so its biases are zeros: conv's (BatchNorm folded) and
+    depthwise's are the same 8 zeros, one buffer the converter shares and which counts once; then
+    pointwise's 16; the logits' zero bias is dropped by the converter; and the pooling's two axes."""
     monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks.latency import size_breakdown, size_ceiling
     shared, _ = exported
     int8 = size_breakdown(shared)
-    weights, int32 = 3 * 3 * 3 * 8 + 3 * 3 * 8 + 8 * 16 + 16 * 5, 4 * (8 + 8 + 16 + 2)
+    weights, int32 = 3 * 3 * 3 * 8 + 3 * 3 * 8 + 8 * 16 + 16 * 5, 4 * (8 + 16 + 2)
     scales = 8 + 8 + 16 + 1
     assert int8["constant_data"] == {"INT8": weights, "INT32": int32}
     assert int8["weight_scales"] == scales
