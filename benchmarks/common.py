@@ -21,11 +21,12 @@ def new_results(name, args, argv=None, **extra):
             "machine": train.machine_info(), **extra, "variants": []}
 
 
-def finished_rows(results, out, key):
+def finished_rows(results, out, key, defaults=None):
     """For ``--resume``: the rows without an error of an earlier run written at ``out``, as
     ``{key(row): row}``, or ``{}`` if ``out`` does not exist. The earlier run must have the same
     protocol (``--resume`` aside) and CPU as ``results``, so its timings and ratios stay comparable;
-    otherwise SystemExit names what differs. Top-level entries the earlier run added (a plot's
+    otherwise SystemExit names what differs. An argument the earlier run did not have yet counts as
+    equal when it is at its value in ``defaults``. Top-level entries the earlier run added (a plot's
     data) are carried into ``results``."""
     if not os.path.exists(out):
         return {}
@@ -33,6 +34,9 @@ def finished_rows(results, out, key):
         earlier = json.load(f)
     protocol = {k: v for k, v in results["protocol"].items() if k != "resume"}
     before = {k: v for k, v in earlier.get("protocol", {}).items() if k != "resume"}
+    for name, value in (defaults or {}).items():
+        if name not in before and protocol.get(name) == value:
+            before[name] = value
     differing = sorted(k for k in set(protocol) | set(before) if protocol.get(k) != before.get(k))
     if differing:
         raise SystemExit(f"--resume: {out} was written with other arguments ({', '.join(differing)}: "
@@ -45,6 +49,15 @@ def finished_rows(results, out, key):
     results["resumed_from"] = earlier.get("resumed_from", []) + [
         {"date": earlier["machine"].get("date"), "command": earlier["command"]}]
     return {key(row): row for row in earlier["variants"] if "error" not in row}
+
+
+def keep_finished(results, finished, key, out):
+    """The row ``finished_rows`` kept for ``key``, appended to ``results``; None if there is none."""
+    row = finished.get(key)
+    if row is not None:
+        print(f"kept from {out}: {key}", flush=True)
+        results["variants"].append(row)
+    return row
 
 
 def describe_error(err):

@@ -19,8 +19,8 @@ import time
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 
-from benchmarks.common import (describe_error, export_accuracy, finished_rows, median_epoch, new_results,
-                               save_figure, save_row, write)
+from benchmarks.common import (describe_error, export_accuracy, finished_rows, keep_finished, median_epoch,
+                               new_results, save_figure, save_row, write)
 
 from tfq import costs, train
 
@@ -103,14 +103,12 @@ def main(argv=None):
 
     results = new_results("ddq", args, argv)
     variant_key = lambda row: (row["method"], row["mode"], row["grad_correction"])  # noqa: E731
-    finished = finished_rows(results, args.out, variant_key) if args.resume else {}
+    finished = finished_rows(results, args.out, variant_key, vars(parser.parse_args([]))) if args.resume else {}
     float_epoch = None
     for method, mode, correction in variants:
-        if (method, mode, correction) in finished:
-            row = finished[(method, mode, correction)]
-            float_epoch = row["median_epoch_seconds"] if method == "float" else float_epoch
-            print(f"kept from {args.out}: {method} {mode} {correction}", flush=True)
-            results["variants"].append(row)
+        kept = keep_finished(results, finished, (method, mode, correction), args.out)
+        if kept is not None:
+            float_epoch = kept["median_epoch_seconds"] if method == "float" else float_epoch
             continue
         net, _ = train.float_model("fashion_mnist", args.model, args.float_epochs, seed=args.seed,
                                    cache_dir=CACHE, verbose=0)  # float: always the full train split

@@ -17,7 +17,7 @@ import os
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 
-from benchmarks.common import describe_error, finetune_and_evaluate, finished_rows, new_results, save_row
+from benchmarks.common import describe_error, finetune_and_evaluate, finished_rows, keep_finished, new_results, save_row
 from tfq import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -77,14 +77,12 @@ def main(argv=None):
 
     results = new_results("lsq", args, argv)
     variant_key = lambda row: (row["method"], row["weight_bits"], json.dumps(row["options"], sort_keys=True))  # noqa: E731
-    finished = finished_rows(results, args.out, variant_key) if args.resume else {}
+    finished = finished_rows(results, args.out, variant_key, vars(parser.parse_args([]))) if args.resume else {}
     float_epoch = None
     for method, bits, options in variants:
-        kept = finished.get((method, bits, json.dumps(options, sort_keys=True)))
+        kept = keep_finished(results, finished, (method, bits, json.dumps(options, sort_keys=True)), args.out)
         if kept is not None:
             float_epoch = kept["median_epoch_seconds"] if method == "float" else float_epoch
-            print(f"kept from {args.out}: {method} W{bits} {options}", flush=True)
-            results["variants"].append(kept)
             continue
         net, ckpt = train.float_model("fashion_mnist", args.model, args.float_epochs, seed=args.seed,
                                       cache_dir=CACHE, verbose=0)  # float: always the full train split

@@ -33,8 +33,8 @@ import os
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 import numpy as np
 
-from benchmarks.common import (describe_error, export_accuracy, finetune_and_evaluate, finished_rows, new_results,
-                               save_figure, save_row, write)
+from benchmarks.common import (describe_error, export_accuracy, finetune_and_evaluate, finished_rows, keep_finished,
+                               new_results, save_figure, save_row, write)
 from tfq import costs, data, train
 from tfq.quantizers import n2uq
 
@@ -164,18 +164,17 @@ def main(argv=None):
     results = new_results("n2uq", args, argv, quick_run=args.limit is not None)
     variant_key = lambda row: (row["method"], row["weight_bits"], json.dumps(row["options"], sort_keys=True),  # noqa: E731
                                row["seed"])
-    finished = finished_rows(results, args.out, variant_key) if args.resume else {}
+    finished = finished_rows(results, args.out, variant_key, vars(parser.parse_args([]))) if args.resume else {}
     plot_layers = [n for n in args.plot_layers.split(",") if n]
     plot_bits = min(bits_list)
     for seed in seeds:
         seed_args = argparse.Namespace(**{**vars(args), "seed": seed})  # results["protocol"] keeps --seed
         float_epoch = None
         for method, bits, options in variants:
-            kept = finished.get((method, bits, json.dumps(options, sort_keys=True), seed))
+            kept = keep_finished(results, finished, (method, bits, json.dumps(options, sort_keys=True), seed),
+                                 args.out)
             if kept is not None:
                 float_epoch = kept["median_epoch_seconds"] if method == "float" else float_epoch
-                print(f"kept from {args.out}: {method} W{bits} seed {seed}", flush=True)
-                results["variants"].append(kept)
                 continue
             net, _ = train.float_model("fashion_mnist", args.model, args.float_epochs, seed=seed,
                                        cache_dir=CACHE, verbose=0)  # float: always the full train split

@@ -51,3 +51,12 @@ def test_other_arguments_or_another_cpu_refuse_to_resume(tmp_path):
         finished_rows(_results(epochs=1), str(out), KEY)
     with pytest.raises(SystemExit, match="measured on 'CPU A', this is 'CPU B'"):
         finished_rows(_results(cpu="CPU B"), str(out), KEY)
+
+
+def test_an_argument_added_since_counts_as_equal_at_its_default(tmp_path):
+    out = tmp_path / "toy.json"
+    _write_earlier(out)
+    assert set(finished_rows(_results(plot="p.png"), str(out), KEY, defaults={"plot": "p.png"})) == {
+        ("float", None), ("lsq", 4)}
+    with pytest.raises(SystemExit, match=r"plot: \[None\], now \['q.png'\]"):
+        finished_rows(_results(plot="q.png"), str(out), KEY, defaults={"plot": "p.png"})
