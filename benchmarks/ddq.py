@@ -106,15 +106,15 @@ def main(argv=None):
     finished = finished_rows(results, args.out, variant_key, vars(parser.parse_args([]))) if args.resume else {}
     float_epoch = None
     for method, mode, correction in variants:
-        kept = keep_finished(results, finished, (method, mode, correction), args.out)
+        row = {"method": method, "mode": mode, "grad_correction": correction,
+               "weight_bits": None if method == "float" else bits,
+               "activation_bits": None if method == "float" else abits}
+        kept = keep_finished(results, finished, variant_key(row), args.out)
         if kept is not None:
             float_epoch = kept["median_epoch_seconds"] if method == "float" else float_epoch
             continue
         net, _ = train.float_model("fashion_mnist", args.model, args.float_epochs, seed=args.seed,
                                    cache_dir=CACHE, verbose=0)  # float: always the full train split
-        row = {"method": method, "mode": mode, "grad_correction": correction,
-               "weight_bits": None if method == "float" else bits,
-               "activation_bits": None if method == "float" else abits}
         try:
             schedule = None
             if method == "float":

@@ -2,10 +2,11 @@
 
 For each model and bit-width: the cached float checkpoint, LSQ+ (config 4) fine-tuned with the
 shared budget, its biases snapped for export with the tie guard on ``--tie_guard_examples`` training
-images (``tfq.train.snap_biases_for_export``, as ``tfq train`` does), then exported with ``tfq.export``: Keras, TFLite (XNNPACK) and IntegerGraph test
-accuracy on the full Fashion-MNIST test set, parity in output steps, file sizes fp32 / int8 /
-int4-weights with the largest fp32/int8 ratio any per-channel int8 file of the network could reach
-(``benchmarks.latency.size_ceiling``), and whether tfmot's own n-bit scheme exports the same bit-width.
+images (``tfq.train.snap_biases_for_export``, as ``tfq train`` does), then exported with
+``tfq.export``: Keras, TFLite (XNNPACK) and IntegerGraph test accuracy on the full Fashion-MNIST
+test set, parity in output steps, file sizes fp32 / int8 / int4-weights with the largest fp32/int8
+ratio any per-channel int8 file of the network could reach (``benchmarks.latency.size_ceiling``),
+and whether tfmot's own n-bit scheme exports the same bit-width.
 
     python -m benchmarks.export --models=small_cnn,mobile_swish --bits=8,4,2    # or make bench ONLY=export
 
@@ -88,6 +89,8 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(RESULTS, "export.json"))
     args = parser.parse_args(argv)
     x_test, y_test = data.load_numpy("fashion_mnist", "test")
+    guard_images = (data.load_numpy("fashion_mnist", "train", limit=args.tie_guard_examples)[0]
+                    if args.tie_guard_examples else None)
     results = new_results("export", args, argv)
     work = os.path.join(CACHE, "export")
     os.makedirs(work, exist_ok=True)
@@ -104,9 +107,7 @@ def main(argv=None):
                                        narrow_range_weights=bool(args.narrow_range_weights))
                 train.finetune(q, "fashion_mnist", args.epochs, limit=args.limit, verbose=0)
                 row["keras_accuracy_before_bias_snap"] = train.evaluate(q, "fashion_mnist")
-                guard = data.load_numpy("fashion_mnist", "train", limit=args.tie_guard_examples)[0] \
-                    if args.tie_guard_examples else None
-                row["bias_snap"] = train.snap_biases_for_export(q, tie_guard_images=guard)
+                row["bias_snap"] = train.snap_biases_for_export(q, tie_guard_images=guard_images)
                 row["keras_accuracy"] = train.evaluate(q, "fashion_mnist")
                 if args.bias_grid_steps:
                     bias_grid_phase(q, args, row)

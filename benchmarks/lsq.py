@@ -80,13 +80,13 @@ def main(argv=None):
     finished = finished_rows(results, args.out, variant_key, vars(parser.parse_args([]))) if args.resume else {}
     float_epoch = None
     for method, bits, options in variants:
-        kept = keep_finished(results, finished, (method, bits, json.dumps(options, sort_keys=True)), args.out)
+        row = {"method": method, "weight_bits": bits, "activation_bits": bits, "options": options}
+        kept = keep_finished(results, finished, variant_key(row), args.out)
         if kept is not None:
             float_epoch = kept["median_epoch_seconds"] if method == "float" else float_epoch
             continue
         net, ckpt = train.float_model("fashion_mnist", args.model, args.float_epochs, seed=args.seed,
                                       cache_dir=CACHE, verbose=0)  # float: always the full train split
-        row = {"method": method, "weight_bits": bits, "activation_bits": bits, "options": options}
         try:
             if method == "float":
                 model = net

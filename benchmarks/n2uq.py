@@ -171,14 +171,13 @@ def main(argv=None):
         seed_args = argparse.Namespace(**{**vars(args), "seed": seed})  # results["protocol"] keeps --seed
         float_epoch = None
         for method, bits, options in variants:
-            kept = keep_finished(results, finished, (method, bits, json.dumps(options, sort_keys=True), seed),
-                                 args.out)
+            row = {"method": method, "weight_bits": bits, "activation_bits": bits, "options": options, "seed": seed}
+            kept = keep_finished(results, finished, variant_key(row), args.out)
             if kept is not None:
                 float_epoch = kept["median_epoch_seconds"] if method == "float" else float_epoch
                 continue
             net, _ = train.float_model("fashion_mnist", args.model, args.float_epochs, seed=seed,
                                        cache_dir=CACHE, verbose=0)  # float: always the full train split
-            row = {"method": method, "weight_bits": bits, "activation_bits": bits, "options": options, "seed": seed}
             try:
                 if method == "float":
                     model = net

@@ -144,8 +144,12 @@ def main(argv=None):
     if args.calibrate:
         import tfq
         tfq.calibrate(model, x[:GLOBAL_BATCH])
+    def snapshot(prefix):
+        """Every variable's value on the first replica, under ``<prefix>/<name>``."""
+        return {f"{prefix}/{v.name}": replica_values(strategy, v)[0] for v in model.variables}
+
     # the starting point, so that the test can measure how far training moved each variable
-    initial = {f"init/{v.name}": replica_values(strategy, v)[0] for v in model.variables}
+    initial = snapshot("init")
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -155,7 +159,7 @@ def main(argv=None):
     class RecordFirstEpoch(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 0:
-                first_epoch.update({f"epoch1/{v.name}": replica_values(strategy, v)[0] for v in model.variables})
+                first_epoch.update(snapshot("epoch1"))
 
     history = model.fit(dataset, epochs=EPOCHS, verbose=0, shuffle=False,
                         callbacks=([callback] if callback is not None else []) + [RecordFirstEpoch()])

@@ -12,10 +12,11 @@ instead of summed, a quantizer initialised from a local batch: errors of the ord
 update itself). At the end (8 steps) ``rtol=1e-5, atol=1e-6`` plus half of how far training moved
 the variable (``MOVED_SHARE``), the losses within 1e-2 and the predictions within 0.2: float32
 sums over half batches, added across replicas, round differently from one sum over the batch, a
-quantizer turns such a difference into a whole step when a value sits at a threshold, and that flip then steers the later steps. Which values flip
-depends on the CPU's summation order: on an AMD EPYC, N2UQ at W2A2 matched to 1e-7 through the
-first epoch, then one flip left its activation start 0.0025 off (34% of its 0.0072 change) and
-the predictions 0.12 off after 8 steps; on an Intel Xeon everything stayed within 1e-5.
+quantizer turns such a difference into a whole step when a value sits at a threshold, and that
+flip then steers the later steps. Which values flip depends on the CPU's summation order: on an
+AMD EPYC, N2UQ at W2A2 matched to 1e-7 through the first epoch, then one flip left its activation
+start 0.0025 off (34% of its 0.0072 change) and the predictions 0.12 off after 8 steps; on an
+Intel Xeon everything stayed within 1e-5.
 """
 import json
 import os
