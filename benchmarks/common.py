@@ -129,3 +129,64 @@ def export_accuracy(model, test_limit=None):
     x, y = data.load_numpy("fashion_mnist", "test", limit=test_limit)
     return {"bias_snap": snap, "keras_accuracy_after_bias_snap": train.evaluate(model, "fashion_mnist", limit=test_limit),
             "tflite_accuracy": runs.tflite_accuracy(int8, x, y), "int8_bytes": len(int8)}
+
+
+# Activations tfmot's registries accept on an ``Activation`` layer (default_8bit_quantize_registry).
+TFMOT_ACTIVATIONS = ("relu", "relu6", "swish", "gelu", "linear", "softmax", "sigmoid", "tanh")
+
+
+def tfmot_peer(net, bits):
+    """tfmot's default 8-bit scheme (``bits`` 8) or its experimental n-bit scheme on ``net``.
+
+    tfmot rejects ``Multiply`` and ``Activation`` layers with a custom function (mobile_swish's
+    squeeze-excite scale and hard-swish). Those are annotated with a config (not tfmot's own ``OutputOnlyConfig``, whose name the scope holds) that
+    quantizes the output at ``bits`` with tfmot's own ``MovingAverageQuantizer``, which is what tfmot
+    does for the activations it supports, so the peer runs on the whole network. Returns the model
+    and the names of the layers annotated this way (recorded in the benchmark row).
+    """
+    import tensorflow_model_optimization as tfmot
+    import tf_keras as keras
+    qk = tfmot.quantization.keras
+
+    class TfmotRejectedLayerConfig(qk.QuantizeConfig):
+        def __init__(self, num_bits):
+            self.num_bits = num_bits
+
+        def get_weights_and_quantizers(self, layer):
+            return []
+
+        def get_activations_and_quantizers(self, layer):
+            return []
+
+        def set_quantize_weights(self, layer, quantize_weights):
+            pass
+
+        def set_quantize_activations(self, layer, quantize_activations):
+            pass
+
+        def get_output_quantizers(self, layer):
+            return [qk.quantizers.MovingAverageQuantizer(num_bits=self.num_bits, per_axis=False,
+                                                         symmetric=False, narrow_range=False)]
+
+        def get_config(self):
+            return {"num_bits": self.num_bits}
+
+    annotated = []
+
+    def annotate(layer):
+        fresh = layer.__class__.from_config(layer.get_config())
+        rejected = isinstance(layer, keras.layers.Multiply) or (
+            isinstance(layer, keras.layers.Activation)
+            and getattr(layer.activation, "__name__", None) not in TFMOT_ACTIVATIONS)
+        if rejected:
+            annotated.append(layer.name)
+            return qk.quantize_annotate_layer(fresh, TfmotRejectedLayerConfig(bits))
+        return qk.quantize_annotate_layer(fresh)
+
+    marked = keras.models.clone_model(net, clone_function=annotate)
+    marked.set_weights(net.get_weights())
+    scheme = (qk.default_8bit.Default8BitQuantizeScheme() if bits == 8 else
+              qk.experimental.default_n_bit.DefaultNBitQuantizeScheme(num_bits_weight=bits,
+                                                                       num_bits_activation=bits))
+    with qk.quantize_scope({"TfmotRejectedLayerConfig": TfmotRejectedLayerConfig}):
+        return qk.quantize_apply(marked, scheme), annotated

@@ -1,7 +1,8 @@
 """DDQ benchmark (issue 5), following shared/BENCHMARKS.md; ddq.txt tables 2-3 and fig. 3.
 
 Fashion-MNIST, ``mobile_swish``, one cached float checkpoint, the same fine-tuning budget for every
-variant: float fine-tuning; uniform W4 (LSQ+, config 4 activations); DDQ(fix) W4 and DDQ mixed at a
+variant: float fine-tuning; uniform W4 as the issue names it (LSQ: config 1, LSQ initialisation) and
+the stronger uniform W4 of LSQ+ (config 4 activations); DDQ(fix) W4 and DDQ mixed at a
 4-bit weight-memory budget (``tfq.callbacks.DDQGateSchedule``), each without and with the gradient
 correction of eq. 9. First/last layers are 8-bit in every quantized variant, so all quantized
 variants have the same memory budget. Records Keras test accuracy (before and after the int32 bias
@@ -97,7 +98,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     bits, abits = args.target_bits, args.activation_bits
 
-    variants = [("float", None, None), ("lsq+", None, None)]
+    variants = [("float", None, None), ("lsq", None, None), ("lsq+", None, None)]
     for mode in ("fixed", "mixed"):
         variants += [("ddq", mode, 0.0), ("ddq", mode, args.grad_correction)]
 
@@ -119,6 +120,8 @@ def main(argv=None):
             schedule = None
             if method == "float":
                 model = net
+            elif method == "lsq":
+                model = tfq.quantize_model(net, "lsq", weight_bits=bits, activation_bits=abits)
             elif method == "lsq+":
                 model = tfq.quantize_model(net, "lsq+", weight_bits=bits, activation_bits=abits, activation_config=4)
             else:

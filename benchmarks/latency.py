@@ -6,7 +6,8 @@ alpha 1.0, weights=None) the variants
 * ``fp32``        float model, plain TFLite converter;
 * ``tfq-int8``    ``tfq.quantize_model(method="lsq+", W8A8)``, calibrated, ``tfq.export.to_tflite``;
 * ``tfq-int4w``   W4A8 (first/last layers 8-bit), ``to_tflite(int4_weights=True)``;
-* ``tfmot-int8``  tfmot's own ``quantize_model`` + converter with ``Optimize.DEFAULT``;
+* ``tfmot-int8``  tfmot's default 8-bit scheme (``benchmarks.common.tfmot_peer``, which gives the layers
+  tfmot rejects its 8-bit output quantizer) + converter with ``Optimize.DEFAULT``;
 * ``ptq-int8``    the converter's full-integer post-training quantization (representative data), a
                   reference for what the plain converter makes of the same network;
 
@@ -35,7 +36,7 @@ import numpy as np
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 import tensorflow as tf
 
-from benchmarks.common import command_line
+from benchmarks.common import command_line, tfmot_peer
 from tfq import models, train
 from tfq.export import bench
 
@@ -101,8 +102,7 @@ def export_tfq_int4w(model, path, images):
 
 
 def export_tfmot_int8(model, path, images):
-    import tensorflow_model_optimization as tfmot
-    quantized = tfmot.quantization.keras.quantize_model(model)
+    quantized, _ = tfmot_peer(model, 8)
     for start in range(0, len(images), 16):    # moving-average activation ranges from a few batches
         quantized(images[start:start + 16], training=True)
     converter = tf.lite.TFLiteConverter.from_keras_model(quantized)

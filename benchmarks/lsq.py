@@ -2,7 +2,7 @@
 
 Fashion-MNIST, ``mobile_swish``: one cached float checkpoint; float fine-tuning, LSQ (config 1,
 LSQ init) and LSQ+ configs 1-4 at each bit-width, and tfmot's default 8-bit and experimental
-n-bit schemes, all with the same fine-tuning budget from the same checkpoint. Records Keras
+n-bit schemes (layers tfmot rejects get tfmot's output quantizer, see ``tfmot_peer``), all with the same fine-tuning budget from the same checkpoint. Records Keras
 test accuracy and the median epoch seconds over epochs 2..E relative to the float epoch.
 
     python -m benchmarks.lsq --epochs=3 --bits=4,3,2        # or: make bench ONLY=lsq
@@ -17,23 +17,13 @@ import os
 
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 
-from benchmarks.common import describe_error, finetune_and_evaluate, finished_rows, keep_finished, new_results, save_row
+from benchmarks.common import (describe_error, finetune_and_evaluate, finished_rows, keep_finished, new_results,
+                               save_row, tfmot_peer)
 from tfq import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(HERE, ".cache")
 RESULTS = os.path.join(HERE, "results")
-
-
-def tfmot_variant(net, scheme_name, bits):
-    import tensorflow_model_optimization as tfmot
-    qk = tfmot.quantization.keras
-    if scheme_name == "tfmot-8bit":
-        return qk.quantize_model(net)
-    scheme = qk.experimental.default_n_bit.DefaultNBitQuantizeScheme(num_bits_weight=bits,
-                                                                     num_bits_activation=bits)
-    with qk.quantize_scope():
-        return qk.quantize_apply(qk.quantize_annotate_model(net), scheme)
 
 
 def main(argv=None):
@@ -91,7 +81,7 @@ def main(argv=None):
             if method == "float":
                 model = net
             elif method.startswith("tfmot"):
-                model = tfmot_variant(net, method, bits)
+                model, row["tfmot_annotated_layers"] = tfmot_peer(net, bits)
             else:
                 model = tfq.quantize_model(net, method, weight_bits=bits, activation_bits=bits, **options)
             row.update(finetune_and_evaluate(model, args))

@@ -35,8 +35,13 @@ def lsq_table(results):
         delta = None if acc is None or float_acc is None else 100 * (acc - float_acc)
         rows.append(f"| {name} | {bits} | {_fmt(acc, '.4f')} | {_fmt(delta, '+.2f')} | "
                     f"{_fmt(v.get('median_epoch_seconds'), '.1f')} | {_fmt(v.get('epoch_ratio_to_float'), '.2f')} |")
+    annotated = next((v["tfmot_annotated_layers"] for v in results["variants"] if v.get("tfmot_annotated_layers")), None)
     m = results["machine"]
     rows.append("")
+    if annotated:
+        rows.append(f"tfmot rows: the layers tfmot's registries reject ({', '.join(annotated)}) were given tfmot's "
+                    "own output quantizer at the row's bit-width (`benchmarks.common.tfmot_peer`).")
+        rows.append("")
     rows.append(f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), TensorFlow {m['tensorflow']}, "
                 f"tfmot {m['tfmot']}; command: `{results['command']}`; fine-tuning epochs: "
                 f"{results['protocol']['epochs']}, float epochs: {results['protocol']['float_epochs']}, "
@@ -133,7 +138,7 @@ def large_models_table(results):
     return "\n".join(rows)
 
 
-TABLES = {"lsq": lsq_table, "export": export_table, "latency": latency_table, "large_models": large_models_table}
+TABLES = {"lsq": lsq_table, "lsq_protocol": lsq_table, "export": export_table, "latency": latency_table, "large_models": large_models_table}
 
 
 def main():

@@ -4,8 +4,8 @@
                                    [--rounds=8] [--steps=10] [--jit] [--ablation]
 
 For each model: the float model, every tfq method at every bit-width (W=A) and tfmot's default 8-bit
-QAT scheme (``tfmot.quantization.keras.quantize_model``; a model it cannot quantize is recorded with
-its error) are compiled once and warmed up, then timed in interleaved rounds (A B C A B C ...), each
+QAT scheme (``benchmarks.common.tfmot_peer``: the layers tfmot rejects, such as mobile_swish's
+squeeze-excite ``Multiply``, get tfmot's 8-bit output quantizer) are compiled once and warmed up, then timed in interleaved rounds (A B C A B C ...), each
 round ``steps`` fit steps at batch 128 on a fixed random batch, so load from other processes hits
 every variant alike (BENCHMARKS.md). Reports per variant the min and median ms/step over rounds and
 both ratios to the float model. Writes ``benchmarks/results/step_time.json``.
@@ -26,7 +26,7 @@ import tfq
 import tensorflow as tf
 import tf_keras as keras
 
-from benchmarks.common import describe_error, new_results, write
+from benchmarks.common import describe_error, new_results, tfmot_peer, write
 from tfq import models
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -68,7 +68,6 @@ def quantizers_as_identity(weights_too):
 def variants(model_name, methods, bits, ablation=False):
     """(name, builder, identity) triples: float, tfq method x bits, tfmot's default 8-bit QAT;
     ``identity`` is None or the ``weights_too`` of ``quantizers_as_identity`` (``--ablation``)."""
-    import tensorflow_model_optimization as tfmot
     out = [("float", lambda: models.get(model_name, seed=0), None)]
     for method in methods:
         for b in bits:
@@ -78,8 +77,7 @@ def variants(model_name, methods, bits, ablation=False):
             if ablation:
                 out.append((f"tfq {method} W{b}A{b} activation quantizers off", build, False))
                 out.append((f"tfq {method} W{b}A{b} all quantizers off", build, True))
-    out.append(("tfmot default 8-bit", lambda: tfmot.quantization.keras.quantize_model(
-        models.get(model_name, seed=0)), None))
+    out.append(("tfmot default 8-bit", lambda: tfmot_peer(models.get(model_name, seed=0), 8)[0], None))
     return out
 
 
