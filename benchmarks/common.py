@@ -139,37 +139,15 @@ def tfmot_peer(net, bits):
     """tfmot's default 8-bit scheme (``bits`` 8) or its experimental n-bit scheme on ``net``.
 
     tfmot rejects ``Multiply`` and ``Activation`` layers with a custom function (mobile_swish's
-    squeeze-excite scale and hard-swish). Those are annotated with a config (not tfmot's own ``OutputOnlyConfig``, whose name the scope holds) that
-    quantizes the output at ``bits`` with tfmot's own ``MovingAverageQuantizer``, which is what tfmot
+    squeeze-excite scale and hard-swish). Those are annotated with tfq's ``LayerQuantizeConfig``
+    holding only an output quantizer, tfmot's own ``MovingAverageQuantizer`` at ``bits``: what tfmot
     does for the activations it supports, so the peer runs on the whole network. Returns the model
     and the names of the layers annotated this way (recorded in the benchmark row).
     """
     import tensorflow_model_optimization as tfmot
     import tf_keras as keras
+    from tfq.configs import LayerQuantizeConfig
     qk = tfmot.quantization.keras
-
-    class TfmotRejectedLayerConfig(qk.QuantizeConfig):
-        def __init__(self, num_bits):
-            self.num_bits = num_bits
-
-        def get_weights_and_quantizers(self, layer):
-            return []
-
-        def get_activations_and_quantizers(self, layer):
-            return []
-
-        def set_quantize_weights(self, layer, quantize_weights):
-            pass
-
-        def set_quantize_activations(self, layer, quantize_activations):
-            pass
-
-        def get_output_quantizers(self, layer):
-            return [qk.quantizers.MovingAverageQuantizer(num_bits=self.num_bits, per_axis=False,
-                                                         symmetric=False, narrow_range=False)]
-
-        def get_config(self):
-            return {"num_bits": self.num_bits}
 
     annotated = []
 
@@ -180,7 +158,9 @@ def tfmot_peer(net, bits):
             and getattr(layer.activation, "__name__", None) not in TFMOT_ACTIVATIONS)
         if rejected:
             annotated.append(layer.name)
-            return qk.quantize_annotate_layer(fresh, TfmotRejectedLayerConfig(bits))
+            output = qk.quantizers.MovingAverageQuantizer(num_bits=bits, per_axis=False, symmetric=False,
+                                                          narrow_range=False)
+            return qk.quantize_annotate_layer(fresh, LayerQuantizeConfig(output_quantizer=output))
         return qk.quantize_annotate_layer(fresh)
 
     marked = keras.models.clone_model(net, clone_function=annotate)
@@ -188,5 +168,5 @@ def tfmot_peer(net, bits):
     scheme = (qk.default_8bit.Default8BitQuantizeScheme() if bits == 8 else
               qk.experimental.default_n_bit.DefaultNBitQuantizeScheme(num_bits_weight=bits,
                                                                        num_bits_activation=bits))
-    with qk.quantize_scope({"TfmotRejectedLayerConfig": TfmotRejectedLayerConfig}):
+    with qk.quantize_scope():
         return qk.quantize_apply(marked, scheme), annotated
