@@ -135,8 +135,9 @@ def export_accuracy(model, test_limit=None):
 TFMOT_ACTIVATIONS = ("relu", "relu6", "swish", "gelu", "linear", "softmax", "sigmoid", "tanh")
 
 
-def tfmot_peer(net, bits):
-    """tfmot's default 8-bit scheme (``bits`` 8) or its experimental n-bit scheme on ``net``.
+def tfmot_peer(net, bits, n_bit=None):
+    """tfmot's default 8-bit scheme or its experimental n-bit scheme on ``net``: the n-bit one when
+    ``n_bit`` is true, or when it is None and ``bits`` is not 8.
 
     tfmot rejects ``Multiply`` and ``Activation`` layers with a custom function (mobile_swish's
     squeeze-excite scale and hard-swish). Those are annotated with tfq's ``LayerQuantizeConfig``
@@ -165,8 +166,11 @@ def tfmot_peer(net, bits):
 
     marked = keras.models.clone_model(net, clone_function=annotate)
     marked.set_weights(net.get_weights())
-    scheme = (qk.default_8bit.Default8BitQuantizeScheme() if bits == 8 else
-              qk.experimental.default_n_bit.DefaultNBitQuantizeScheme(num_bits_weight=bits,
-                                                                       num_bits_activation=bits))
+    if n_bit is None:
+        n_bit = bits != 8
+    if not n_bit and bits != 8:
+        raise ValueError(f"tfmot_peer: tfmot's default scheme is 8-bit; bits={bits} needs n_bit=True")
+    scheme = (qk.experimental.default_n_bit.DefaultNBitQuantizeScheme(num_bits_weight=bits, num_bits_activation=bits)
+              if n_bit else qk.default_8bit.Default8BitQuantizeScheme())
     with qk.quantize_scope():
         return qk.quantize_apply(marked, scheme), annotated

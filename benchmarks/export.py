@@ -26,18 +26,19 @@ import traceback
 import tfq  # noqa: F401  (Keras 2 before TensorFlow)
 import tensorflow as tf
 
-from benchmarks.common import new_results
+from benchmarks.common import new_results, tfmot_peer
 from benchmarks.latency import size_breakdown, size_ceiling
-from benchmarks.lsq import CACHE, RESULTS, tfmot_variant
+from benchmarks.lsq import CACHE, RESULTS
 from tfq import data, train
 from tfq.export import runs, tflite, verify
 from tfq.export.integer import IntegerGraph
 
 
 def tfmot_exports(net, bits):
-    """Whether tfmot's experimental n-bit scheme converts to an integer-only TFLite at ``bits``."""
+    """Whether tfmot's experimental n-bit scheme converts to an integer-only TFLite at ``bits`` (the
+    layers tfmot rejects get its output quantizer, ``benchmarks.common.tfmot_peer``)."""
     try:
-        q = tfmot_variant(net, "tfmot-nbit", bits)
+        q, _ = tfmot_peer(net, bits, n_bit=True)
         converter = tf.lite.TFLiteConverter.from_keras_model(q)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.inference_input_type = converter.inference_output_type = tf.int8

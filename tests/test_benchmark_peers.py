@@ -1,7 +1,9 @@
 """``benchmarks.common.tfmot_peer``: tfmot's schemes run on mobile_swish, the layers they reject
 quantized at the same bit-width by tfmot's own output quantizer."""
+import importlib
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,3 +32,10 @@ def test_rejected_layers_get_an_output_quantizer_at_the_same_bits(bits):
     probe = keras.Model(peer.input, peer.get_layer("quant_block3_se_scale").output)
     levels = np.unique(np.round(probe(x, training=True).numpy(), 6))
     assert 2 < len(levels) <= 2 ** bits
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "benchmarks").glob("*.py")
+                                        if p.stem != "__init__"))
+def test_every_benchmark_module_imports(name):
+    """A helper moved between benchmark modules must not leave another one importing it from the old place."""
+    importlib.import_module(f"benchmarks.{name}")
