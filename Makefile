@@ -43,7 +43,7 @@ demo: install
 	$(VENV)/bin/tfq report $(RUN_DIR)
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 test-all: install
 	$(PY) -m pytest -q -m ""

@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # Prepare an arm64 sysroot for `tfq bench --target=aarch64 --emulate` on an x86 machine:
 #   Debian bookworm arm64 base + python3.11 (debootstrap first stage, packages unpacked with dpkg-deb,
-#   no chroot and no binfmt needed) and the aarch64 wheels of tflite-runtime 2.14.0 and numpy 1.26.4
-#   unpacked into SYSROOT/opt/tfq-site.  qemu-aarch64-static -L SYSROOT then runs SYSROOT/usr/bin/python3.11.
+#   no chroot and no binfmt needed) and the aarch64 wheels of ai-edge-litert 1.4.0 (LiteRT; the newest
+#   release with an aarch64 wheel on PyPI) and numpy 1.26.4 unpacked into SYSROOT/opt/tfq-site.  qemu-aarch64-static -L SYSROOT then runs SYSROOT/usr/bin/python3.11.
 #
 #   bash export/prepare_aarch64_sysroot.sh [SYSROOT]     (default ~/.cache/tfq/aarch64-sysroot, ~230 MB)
 #
 # Needs: debootstrap, qemu-user-static, dpkg-deb (Debian: apt-get install debootstrap qemu-user-static)
 # and a Python with pip.  Environment: MIRROR (default http://deb.debian.org/debian), SUITE (bookworm),
-# PYTHON (python3).  LiteRT's own aarch64 wheel crashes under qemu, hence tflite-runtime 2.14.
+# PYTHON (python3).  A site made by an older version of this script holds tflite-runtime 2.14: LiteRT is
+# added beside it and export/run_tflite.py prefers LiteRT.
 set -euo pipefail
 
 SYSROOT="${1:-${TFQ_AARCH64_SYSROOT:-$HOME/.cache/tfq/aarch64-sysroot}}"
 MIRROR="${MIRROR:-http://deb.debian.org/debian}"
 SUITE="${SUITE:-bookworm}"
 PYTHON="${PYTHON:-python3}"
-TFLITE_RUNTIME="tflite-runtime==2.14.0"
+LITERT="ai-edge-litert==1.4.0"
 NUMPY="numpy==1.26.4"
 
 missing=()
@@ -40,12 +41,12 @@ if [[ ! -x "$SYSROOT/usr/bin/python3.11" ]]; then
 fi
 
 SITE="$SYSROOT/opt/tfq-site"
-if [[ ! -d "$SITE/tflite_runtime" ]]; then
+if [[ ! -d "$SITE/ai_edge_litert" ]]; then
   wheels="$(mktemp -d)"
   trap 'rm -rf "$wheels"' EXIT
   "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version 311 \
-    --platform manylinux_2_34_aarch64 --platform manylinux2014_aarch64 \
-    -d "$wheels" "$TFLITE_RUNTIME" "$NUMPY"
+    --platform manylinux_2_34_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64 \
+    -d "$wheels" "$LITERT" "$NUMPY"
   mkdir -p "$SITE"
   for wheel in "$wheels"/*.whl; do
     "$PYTHON" -m zipfile -e "$wheel" "$SITE"
@@ -54,5 +55,5 @@ fi
 
 echo "smoke test under qemu:"
 PYTHONPATH="$SITE" PYTHONNOUSERSITE=1 qemu-aarch64-static -L "$SYSROOT" "$SYSROOT/usr/bin/python3.11" -c \
-  "import platform, numpy, tflite_runtime; print(platform.machine(), 'numpy', numpy.__version__, 'tflite-runtime', tflite_runtime.__version__)"
+  "import platform, numpy, ai_edge_litert.interpreter; from importlib import metadata; print(platform.machine(), 'numpy', numpy.__version__, 'ai-edge-litert', metadata.version('ai-edge-litert'))"
 echo "sysroot ready: $SYSROOT (use --sysroot=$SYSROOT or TFQ_AARCH64_SYSROOT)"

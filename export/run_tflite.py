@@ -2,8 +2,8 @@
 
     python3 run_tflite.py --model m.tflite --inputs in.npz --outputs out.npz [--kernels reference|default]
 
-``in.npz`` holds ``s{sample}_in{input}`` arrays; ``out.npz`` receives ``s{sample}_out{output}``.  Uses the
-``tflite_runtime`` wheel when present (the aarch64 sysroot and small boards), else ``ai_edge_litert``.
+``in.npz`` holds ``s{sample}_in{input}`` arrays; ``out.npz`` receives ``s{sample}_out{output}``.  Uses
+``ai_edge_litert`` (LiteRT) when present, else the older ``tflite_runtime`` wheel (small boards).
 Prints one JSON line: runtime name/version, machine, number of outputs.  ``tfq.export.bench`` runs it
 under qemu for ``target="aarch64", emulate=True``; on a real board it checks the same thing natively.
 """
@@ -17,13 +17,13 @@ import numpy as np
 
 def load_interpreter_module():
     try:
-        from tflite_runtime import interpreter as module
-        import tflite_runtime
-        return module, f"tflite-runtime {tflite_runtime.__version__}"
-    except ImportError:
         from ai_edge_litert import interpreter as module
         from importlib import metadata
         return module, f"ai-edge-litert {metadata.version('ai-edge-litert')}"
+    except ImportError:
+        from tflite_runtime import interpreter as module
+        import tflite_runtime
+        return module, f"tflite-runtime {tflite_runtime.__version__}"
 
 
 def main(argv=None):

@@ -184,7 +184,7 @@ def test_aarch64_without_emulation_or_sysroot_says_what_to_do(tiny_models, tmp_p
     assert bench.main([tiny_models[1], "--target=aarch64"]) == 2   # the CLI prints the message, exits 2
     with pytest.raises(bench.BenchmarkError, match="prepare_aarch64_sysroot.sh") as error:
         bench.benchmark(tiny_models[1], target="aarch64", emulate=True, sysroot=tmp_path)
-    assert "no arm64 Python" in str(error.value) and "tflite_runtime" in str(error.value)
+    assert "no arm64 Python" in str(error.value) and "no aarch64 LiteRT (ai_edge_litert" in str(error.value)
 
 
 def test_compare_outputs_exact_close_and_different():
@@ -213,7 +213,8 @@ def test_emulated_aarch64_int8_outputs_equal_host_reference_kernels(tiny_models)
     assert results[0]["match"] == "identical" and results[0]["compared_values"] == 3 * 4
     assert results[1]["match"] in ("identical", "close")
     assert all(r[k] is None for r in results for k in ("median_ms", "mean_ms", "p90_ms", "init_ms"))
-    assert "tflite-runtime 2.14.0" in results[0]["device"]["description"]
+    assert results[0]["device"]["runtime"] in results[0]["device"]["description"]
+    assert results[0]["device"]["runtime"].startswith(("ai-edge-litert ", "tflite-runtime "))
 
 
 # ------------------------------------------------------------------------------------ android (fake adb)

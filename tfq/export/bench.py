@@ -10,8 +10,8 @@ Targets
   (``first_ms``, where XNNPACK packs its weights) and warmed up; then the timed runs of all models are
   interleaved (A B A B ...) so that a load change on the machine hits every model alike.
 * ``aarch64``: on an aarch64 machine the same code path as ``host``.  On another machine only
-  ``emulate=True`` is possible: the model runs under Debian's qemu-user-static with an arm64 Python and the
-  ``tflite-runtime`` 2.14 aarch64 wheel (sysroot made by ``export/prepare_aarch64_sysroot.sh``) and its
+  ``emulate=True`` is possible: the model runs under Debian's qemu-user-static with an arm64 Python and
+  LiteRT's aarch64 wheel (``ai-edge-litert`` 1.4.0; sysroot made by ``export/prepare_aarch64_sysroot.sh``) and its
   outputs are compared with the host's reference kernels.  Emulated timings are not latency: every
   timing key is ``None``.
 * ``android``: drives ``adb`` and TFLite's ``benchmark_model`` binary (supplied by the user, flag or
@@ -45,6 +45,7 @@ DEFAULT_SYSROOT = Path.home() / ".cache" / "tfq" / "aarch64-sysroot"
 REMOTE_DIR = "/data/local/tmp/tfq"
 GUEST_PYTHON = "usr/bin/python3.11"
 GUEST_SITE = "opt/tfq-site"
+GUEST_RUNTIMES = ("ai_edge_litert", "tflite_runtime")  # the guest interpreter packages run_tflite.py can use
 _AARCH64 = ("aarch64", "arm64")
 _TIMING_KEYS = ("median_ms", "mean_ms", "p90_ms", "min_ms", "max_ms", "std_ms")
 
@@ -333,8 +334,8 @@ def find_emulator(sysroot=None):
         missing.append("qemu-aarch64-static is not on PATH (Debian: apt-get install qemu-user-static)")
     if not (root / GUEST_PYTHON).is_file():
         missing.append(f"no arm64 Python at {root / GUEST_PYTHON}")
-    if not (root / GUEST_SITE / "tflite_runtime").is_dir():
-        missing.append(f"no tflite_runtime aarch64 wheel under {root / GUEST_SITE}")
+    if not any((root / GUEST_SITE / package).is_dir() for package in GUEST_RUNTIMES):
+        missing.append(f"no aarch64 LiteRT (ai_edge_litert, or the older tflite_runtime) under {root / GUEST_SITE}")
     if missing:
         raise BenchmarkError("emulated aarch64 run impossible: " + "; ".join(missing) +
                              f". Prepare the sysroot with: bash export/prepare_aarch64_sysroot.sh {root} "
