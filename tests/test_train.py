@@ -127,3 +127,39 @@ def test_reestimate_batch_norm_sets_the_average_batch_statistics():
         train.reestimate_batch_norm(q, np.zeros((0, 8, 8, 1)))
     with pytest.raises(ValueError, match="batch_size must be an integer >= 2"):
         train.reestimate_batch_norm(q, images, batch_size=1)
+
+
+def test_initial_moving_average_share_is_momentum_to_the_steps():
+    inp = keras.Input((8, 8, 1))
+    x = keras.layers.BatchNormalization(momentum=0.9)(keras.layers.Conv2D(2, 3)(inp))
+    x = keras.layers.BatchNormalization(momentum=0.99)(x)
+    model = keras.Model(inp, keras.layers.Dense(3)(keras.layers.Flatten()(x)))
+    assert train.initial_moving_average_share(model, 100) == pytest.approx(0.99 ** 100)
+    no_bn = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    assert train.initial_moving_average_share(no_bn, 1) == 0.0
+
+
+def test_a_short_float_budget_re_estimates_batch_norm_and_a_long_one_does_not(tmp_path, monkeypatch):
+    """4 steps leave 0.99**4 of BatchNorm's initial moving statistics: float_model replaces them with
+    the batch statistics of the first training examples (re-estimating again changes nothing) and
+    caches the checkpoint under a _bnre name; with the limit above that share it keeps the trained
+    moving averages and the plain name."""
+    net, path = train.float_model("digits", "small_cnn", epochs=1, batch_size=64, limit=256,
+                                  cache_dir=str(tmp_path), verbose=0)
+    assert path.endswith("_n256_bnre.h5") and os.path.exists(path)
+    from tfq.callbacks.bias_grid import batch_norm_layers
+    layers = batch_norm_layers(net)
+    trained = [(layer.moving_mean.numpy().copy(), layer.moving_variance.numpy().copy()) for layer in layers]
+    assert train.reestimate_batch_norm(net, data.load_numpy("digits", "train", limit=256)[0]) == len(layers) > 0
+    for layer, (mean, variance) in zip(layers, trained):
+        np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(layer.moving_variance.numpy(), variance, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(variance, 1.0)  # not the initial values
+
+    monkeypatch.setattr(train, "BN_INITIAL_SHARE_LIMIT", 1.0)
+    net, path = train.float_model("digits", "small_cnn", epochs=1, batch_size=64, limit=256,
+                                  cache_dir=str(tmp_path), verbose=0)
+    assert path.endswith("_n256.h5")
+    # 4 momentum-0.99 updates from (0, 1): the variances are still close to 1
+    variance = batch_norm_layers(net)[0].moving_variance.numpy()
+    assert np.all(variance > 0.99 ** 4 - 1e-6)
