@@ -93,7 +93,7 @@ def _dataset(name, split, batch_size, limit, seed):
 
 #: ``float_model`` re-estimates BatchNorm statistics after training when the moving averages still
 #: hold more than this share of their initial values (mean 0, variance 1): momentum ** steps.
-#: Early layers' variances are ~0.005-0.05 here, so 3 epochs on 20,000 images (471 steps, share
+#: Early layers' variances are ~0.002-0.05 here, so 3 epochs on 20,000 images (471 steps, share
 #: 0.009) left moving variances up to 10x too large and mobile_swish at 0.20 test accuracy (0.87
 #: re-estimated); the protocol's 3 epochs on 60,000 images (1,407 steps, 7e-7) are far below it.
 BN_INITIAL_SHARE_LIMIT = 1e-4
