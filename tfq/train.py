@@ -97,8 +97,6 @@ def _dataset(name, split, batch_size, limit, seed):
 #: 0.009) left moving variances up to 10x too large and mobile_swish at 0.20 test accuracy (0.87
 #: re-estimated); the protocol's 3 epochs on 60,000 images (1,407 steps, 7e-7) are far below it.
 BN_INITIAL_SHARE_LIMIT = 1e-4
-#: training examples ``float_model`` re-estimates BatchNorm statistics from when it must
-FLOAT_BN_EXAMPLES = 1024
 
 
 def initial_moving_average_share(model, steps):
@@ -114,14 +112,15 @@ def float_model(dataset="fashion_mnist", model="mobile_swish", epochs=3, batch_s
 
     A budget too short for BatchNorm's moving averages to forget their initial values
     (``initial_moving_average_share`` above ``BN_INITIAL_SHARE_LIMIT``) ends with
-    ``reestimate_batch_norm`` on the first ``FLOAT_BN_EXAMPLES`` training examples; such a
+    ``reestimate_batch_norm`` on the first ``BN_REESTIMATE_EXAMPLES`` training examples; such a
     checkpoint's cache name ends in ``_bnre``."""
     keras.utils.set_random_seed(seed)
     net = tfq_models.get(model, input_shape=tfq_data.INPUT_SHAPE[dataset],
                          num_classes=tfq_data.NUM_CLASSES[dataset], seed=seed)
     train = _dataset(dataset, "train", batch_size, limit, seed)
     steps = epochs * int(train.cardinality())
-    reestimate = initial_moving_average_share(net, steps) > BN_INITIAL_SHARE_LIMIT
+    share = initial_moving_average_share(net, steps)
+    reestimate = share > BN_INITIAL_SHARE_LIMIT
     cache_path = None
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
@@ -133,12 +132,11 @@ def float_model(dataset="fashion_mnist", model="mobile_swish", epochs=3, batch_s
     compile_model(net, learning_rate, steps=steps)
     net.fit(train, epochs=epochs, verbose=verbose)
     if reestimate:
-        examples = FLOAT_BN_EXAMPLES if limit is None else min(FLOAT_BN_EXAMPLES, int(limit))
+        examples = BN_REESTIMATE_EXAMPLES if limit is None else min(BN_REESTIMATE_EXAMPLES, int(limit))
         reestimate_batch_norm(net, tfq_data.load_numpy(dataset, "train", limit=examples)[0])
         if verbose:
-            print(f"float model: {steps} steps leave BatchNorm's moving averages "
-                  f"{initial_moving_average_share(net, steps):.1e} of their initial values; "
-                  f"re-estimated them from {examples} training examples")
+            print(f"float model: {steps} steps leave BatchNorm's moving averages {share:.1e} of their "
+                  f"initial values; re-estimated them from {examples} training examples")
     if cache_path:
         net.save(cache_path)
     return net, cache_path
