@@ -2,9 +2,10 @@
 # Prepare an arm64 sysroot for `tfq bench --target=aarch64 --emulate` on an x86 machine:
 #   Debian bookworm arm64 base + python3.11 (debootstrap first stage, packages unpacked with dpkg-deb,
 #   no chroot and no binfmt needed) and the aarch64 wheels of ai-edge-litert 1.4.0 (LiteRT; the newest
-#   release with an aarch64 wheel on PyPI) and numpy 1.26.4 unpacked into SYSROOT/opt/tfq-site.  qemu-aarch64-static -L SYSROOT then runs SYSROOT/usr/bin/python3.11.
+#   release with an aarch64 wheel on PyPI) and numpy 1.26.4 unpacked into SYSROOT/opt/tfq-site.
+#   qemu-aarch64-static -L SYSROOT then runs SYSROOT/usr/bin/python3.11.
 #
-#   bash export/prepare_aarch64_sysroot.sh [SYSROOT]     (default ~/.cache/tfq/aarch64-sysroot, ~230 MB)
+#   bash export/prepare_aarch64_sysroot.sh [SYSROOT]     (default ~/.cache/tfq/aarch64-sysroot, ~360 MB)
 #
 # Needs: debootstrap, qemu-user-static, dpkg-deb (Debian: apt-get install debootstrap qemu-user-static)
 # and a Python with pip.  Environment: MIRROR (default http://deb.debian.org/debian), SUITE (bookworm),

@@ -11,8 +11,8 @@ Targets
   interleaved (A B A B ...) so that a load change on the machine hits every model alike.
 * ``aarch64``: on an aarch64 machine the same code path as ``host``.  On another machine only
   ``emulate=True`` is possible: the model runs under Debian's qemu-user-static with an arm64 Python and
-  LiteRT's aarch64 wheel (``ai-edge-litert`` 1.4.0; sysroot made by ``export/prepare_aarch64_sysroot.sh``) and its
-  outputs are compared with the host's reference kernels.  Emulated timings are not latency: every
+  LiteRT's aarch64 wheel (``ai-edge-litert`` 1.4.0; sysroot made by ``export/prepare_aarch64_sysroot.sh``)
+  and its outputs are compared with the host's reference kernels.  Emulated timings are not latency: every
   timing key is ``None``.
 * ``android``: drives ``adb`` and TFLite's ``benchmark_model`` binary (supplied by the user, flag or
   ``TFQ_BENCHMARK_MODEL``), parsing its ``Inference timings in us`` and memory lines.
