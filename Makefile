@@ -9,7 +9,7 @@ ONLY ?=
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export TF_USE_LEGACY_KERAS := 1
 
-.PHONY: install data demo test test-all bench clean
+.PHONY: install kernels data demo test test-all bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
@@ -18,7 +18,16 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-install: $(VENV)/.installed data
+KERNELS := tfq/kernels/_fused_ops.so
+
+# tfq's fused LSQ kernels, compiled for the installed TensorFlow (TFQ_FUSED_KERNELS=0 skips them;
+# tfq then trains through TensorFlow ops: same numbers, slower steps).
+$(KERNELS): tfq/kernels/fake_quant.cc tfq/kernels/__init__.py $(VENV)/.installed
+	$(PY) -m tfq.kernels
+
+kernels: $(if $(filter 0,$(TFQ_FUSED_KERNELS)),,$(KERNELS))
+
+install: $(VENV)/.installed kernels data
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist (no download at run time).
 data:
@@ -52,4 +61,4 @@ bench: install
 	$(PY) -m benchmarks.run $(if $(ONLY),--only=$(ONLY),)
 
 clean:
-	rm -rf $(VENV) runs *.egg-info
+	rm -rf $(VENV) runs *.egg-info $(KERNELS) $(KERNELS).tfversion

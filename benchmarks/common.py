@@ -44,6 +44,11 @@ def finished_rows(results, out, key, defaults=None):
     if earlier["machine"]["cpu"] != results["machine"]["cpu"]:
         raise SystemExit(f"--resume: {out} was measured on {earlier['machine']['cpu']!r}, this is "
                          f"{results['machine']['cpu']!r}; its epoch times would not be comparable")
+    fused_before, fused_now = earlier["machine"].get("fused_kernels", False), results["machine"]["fused_kernels"]
+    if fused_before != fused_now:
+        raise SystemExit(f"--resume: {out} was measured {'with' if fused_before else 'without'} tfq's fused "
+                         f"kernels, this run is {'with' if fused_now else 'without'} them (tfq.kernels); its "
+                         "epoch times would not be comparable: write to a new --out")
     for key_, value in earlier.items():  # what the earlier run added (plots, histograms)
         results.setdefault(key_, value)
     results["resumed_from"] = earlier.get("resumed_from", []) + [

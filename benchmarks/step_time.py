@@ -1,19 +1,22 @@
 """Training-step time of quantized models relative to their float model, with tfmot as the peer.
 
     python -m benchmarks.step_time [--models=small_cnn,mobile_swish] [--methods=lsq+] [--bits=4,8]
-                                   [--rounds=8] [--steps=10] [--jit] [--ablation]
+                                   [--rounds=8] [--steps=10] [--jit] [--ablation] [--tf_ops]
 
 For each model: the float model, every tfq method at every bit-width (W=A) and tfmot's default 8-bit
 QAT scheme (``benchmarks.common.tfmot_peer``: the layers tfmot rejects, such as mobile_swish's
 squeeze-excite ``Multiply``, get tfmot's 8-bit output quantizer) are compiled once and warmed up, then timed in interleaved rounds (A B C A B C ...), each
-round ``steps`` fit steps at batch 128 on a fixed random batch, so load from other processes hits
-every variant alike (BENCHMARKS.md). Reports per variant the min and median ms/step over rounds and
-both ratios to the float model. Writes ``benchmarks/results/step_time.json``.
+round ``steps`` training steps at batch 128 on a fixed random batch, each timed alone, so load from
+other processes hits every variant alike (BENCHMARKS.md). Reports per variant the min and median
+ms/step over all timed steps and both ratios to the float model. Writes ``benchmarks/results/step_time.json``.
 
 ``--ablation`` adds, per method and bit-width, the same quantized model traced with its activation
 quantizers (every tfq quantizer that is not a weight quantizer) replaced by the identity, and with
 every tfq quantizer replaced by it (tfmot's wrappers alone): the differences attribute the step-time
 overhead. Those variants train nothing meaningful; they only time the graph.
+
+``--tf_ops`` adds, per method and bit-width, the same quantized model traced without tfq's fused
+kernels (``tfq.kernels``), i.e. with LSQ's forward and backward as TensorFlow ops.
 """
 import argparse
 import contextlib
@@ -33,15 +36,25 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
 def step_timer(model, dataset, jit):
-    """Compile ``model``, run 5 warm-up steps, return ``time(steps) -> ms per step``."""
+    """Compile ``model``, run 5 warm-up steps, return ``time(steps) -> [ms of each step]``.
+
+    Steps are timed one by one through the model's compiled train function (what ``fit`` runs per
+    step), so ``fit``'s per-call set-up (iterator, callbacks) is not spread over the steps."""
     model.compile(keras.optimizers.Adam(1e-4), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile=jit)
     model.fit(dataset.take(5), verbose=0)
+    train_step = model.make_train_function()
+    iterator = iter(dataset)
 
     def time_steps(steps):
-        start = time.perf_counter()
-        model.fit(dataset.take(steps), verbose=0)
-        return 1000 * (time.perf_counter() - start) / steps
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            logs = train_step(iterator)
+            for value in logs.values():  # wait for the step's results
+                value.numpy()
+            times.append(1000 * (time.perf_counter() - start))
+        return times
 
     return time_steps
 
@@ -65,19 +78,44 @@ def quantizers_as_identity(weights_too):
         base.TFQQuantizer.__call__ = original
 
 
-def variants(model_name, methods, bits, ablation=False):
-    """(name, builder, identity) triples: float, tfq method x bits, tfmot's default 8-bit QAT;
-    ``identity`` is None or the ``weights_too`` of ``quantizers_as_identity`` (``--ablation``)."""
-    out = [("float", lambda: models.get(model_name, seed=0), None)]
+@contextlib.contextmanager
+def fused_kernels_off():
+    """While active, tfq quantizers traced into a graph use TensorFlow's ops instead of tfq's fused
+    kernels (``tfq.kernels``), for the ``--tf_ops`` variants."""
+    from tfq import kernels
+    kernels.ops()  # settle the cached state first
+    saved = kernels._state["ops"]  # noqa: SLF001
+    kernels._state["ops"] = None  # noqa: SLF001
+    try:
+        yield
+    finally:
+        kernels._state["ops"] = saved  # noqa: SLF001
+
+
+def variants(model_name, methods, bits, ablation=False, tf_ops=False, calibration=None):
+    """(name, builder, tracing context) triples: float, tfq method x bits, tfmot's default 8-bit QAT;
+    the context (a context-manager factory) is active while the variant is traced: the identity
+    quantizers of ``--ablation`` or the TensorFlow-op path of ``--tf_ops``. tfq models are
+    calibrated on ``calibration`` (a batch of inputs) first, as ``tfq train`` does, so their traced
+    steps hold no initialisation branch."""
+    out = [("float", lambda: models.get(model_name, seed=0), contextlib.nullcontext)]
     for method in methods:
         for b in bits:
             def build(m=method, b=b):
-                return tfq.quantize_model(models.get(model_name, seed=0), m, weight_bits=b, activation_bits=b)
-            out.append((f"tfq {method} W{b}A{b}", build, None))
+                quantized = tfq.quantize_model(models.get(model_name, seed=0), m, weight_bits=b, activation_bits=b)
+                if calibration is not None:
+                    tfq.calibrate(quantized, calibration)
+                return quantized
+            out.append((f"tfq {method} W{b}A{b}", build, contextlib.nullcontext))
+            if tf_ops:
+                out.append((f"tfq {method} W{b}A{b} TF ops (no fused kernels)", build, fused_kernels_off))
             if ablation:
-                out.append((f"tfq {method} W{b}A{b} activation quantizers off", build, False))
-                out.append((f"tfq {method} W{b}A{b} all quantizers off", build, True))
-    out.append(("tfmot default 8-bit", lambda: tfmot_peer(models.get(model_name, seed=0), 8)[0], None))
+                out.append((f"tfq {method} W{b}A{b} activation quantizers off", build,
+                            lambda: quantizers_as_identity(False)))
+                out.append((f"tfq {method} W{b}A{b} all quantizers off", build,
+                            lambda: quantizers_as_identity(True)))
+    out.append(("tfmot default 8-bit", lambda: tfmot_peer(models.get(model_name, seed=0), 8)[0],
+                contextlib.nullcontext))
     return out
 
 
@@ -87,22 +125,23 @@ def measure(model_name, args):
     y = rng.integers(0, 10, 128)
     dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
     timers, errors = {}, {}
-    for name, build, identity in variants(model_name, args.methods, args.bits, args.ablation):
+    for name, build, tracing in variants(model_name, args.methods, args.bits, args.ablation, args.tf_ops,
+                                            calibration=x):
         try:
-            with quantizers_as_identity(identity) if identity is not None else contextlib.nullcontext():
+            with tracing():
                 timers[name] = step_timer(build(), dataset, args.jit)  # traced here, in the warm-up
         except Exception as err:  # a peer that cannot take the model is a result
             errors[name] = describe_error(err)
     times = {name: [] for name in timers}
     for _ in range(args.rounds):
         for name, time_steps in timers.items():
-            times[name].append(time_steps(args.steps))
+            times[name].extend(time_steps(args.steps))
     rows = {}
     for name, values in times.items():
         rows[name] = {"min_ms": min(values), "median_ms": float(np.median(values)),
                       "ratio_min": min(values) / min(times["float"]),
                       "ratio_median": float(np.median(values) / np.median(times["float"])),
-                      "ms_per_round": values}
+                      "ms_per_step": values}
         print(f"{model_name:13s} {name:44s} min {rows[name]['min_ms']:6.0f} ms  median "
               f"{rows[name]['median_ms']:6.0f} ms  ratio to float {rows[name]['ratio_min']:.2f} (min) "
               f"{rows[name]['ratio_median']:.2f} (median)", flush=True)
@@ -115,11 +154,13 @@ def main(argv=None):
     parser.add_argument("--methods", default="lsq+")
     parser.add_argument("--bits", default="4,8")
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10, help="fit steps per timed round")
+    parser.add_argument("--steps", type=int, default=10, help="training steps per timed round")
     parser.add_argument("--jit", action="store_true", help="compile with XLA (jit_compile=True)")
     parser.add_argument("--ablation", action="store_true",
                         help="also time each quantized model with its activation quantizers (and all quantizers) "
                              "as the identity")
+    parser.add_argument("--tf_ops", action="store_true",
+                        help="also time each quantized model traced without tfq's fused kernels (TensorFlow ops)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "step_time.json"))
     args = parser.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]

@@ -11,14 +11,15 @@ from benchmarks.common import finished_rows  # noqa: E402
 KEY = lambda row: (row["method"], row["bits"])  # noqa: E731
 
 
-def _results(cpu="CPU A", **protocol):
+def _results(cpu="CPU A", fused_kernels=False, **protocol):
     return {"benchmark": "toy", "command": "python -m benchmarks.toy --resume",
             "protocol": {"epochs": 3, "out": "x.json", "resume": True, **protocol},
-            "machine": {"cpu": cpu, "date": "2026-12-07"}, "variants": []}
+            "machine": {"cpu": cpu, "fused_kernels": fused_kernels, "date": "2026-12-07"}, "variants": []}
 
 
 def _write_earlier(path, **protocol):
     earlier = _results(**protocol)
+    del earlier["machine"]["fused_kernels"]  # files from before tfq.kernels: measured without them
     earlier["protocol"]["resume"] = False
     earlier["command"] = "python -m benchmarks.toy"
     earlier["variants"] = [{"method": "float", "bits": None, "acc": 0.9},
@@ -51,6 +52,8 @@ def test_other_arguments_or_another_cpu_refuse_to_resume(tmp_path):
         finished_rows(_results(epochs=1), str(out), KEY)
     with pytest.raises(SystemExit, match="measured on 'CPU A', this is 'CPU B'"):
         finished_rows(_results(cpu="CPU B"), str(out), KEY)
+    with pytest.raises(SystemExit, match="measured without tfq's fused kernels, this run is with them"):
+        finished_rows(_results(fused_kernels=True), str(out), KEY)
 
 
 def test_an_argument_added_since_counts_as_equal_at_its_default(tmp_path):

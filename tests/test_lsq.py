@@ -7,6 +7,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 import tfq
+from tfq import kernels
 from tfq.quantizers import lsq
 from tfq.quantizers.grid import UncalibratedError, UniformGrid
 
@@ -38,10 +39,20 @@ def expected_grads(x, s, beta, n, p, upstream, g):
     return dx, ds * g, db * g
 
 
+@pytest.fixture(params=["fused", "tf_ops"])
+def lsq_path(request, monkeypatch):
+    """Training calls run through tfq's fused kernels ("fused") or TensorFlow's ops ("tf_ops")."""
+    if request.param == "tf_ops":
+        monkeypatch.setattr(kernels, "fusable", lambda *args: False)
+    else:
+        assert kernels.available(), "the fused kernels are not built: run `python -m tfq.kernels`"
+    return request.param
+
+
 @pytest.mark.parametrize("parameterization, k", [("linear", 1.0), ("log", 1.0), ("log", 10.0)])
 @pytest.mark.parametrize("config", [1, 2, 3, 4])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_gradients_match_eq3_eq4_for_every_configuration(config, bits, parameterization, k):
+def test_gradients_match_eq3_eq4_for_every_configuration(config, bits, parameterization, k, lsq_path):
     signed, learn_offset = lsq.ACTIVATION_CONFIGS[config]
     n, p = lsq.qrange(bits, signed)
     s = 0.25
@@ -90,7 +101,7 @@ def test_gradient_scale_is_one_over_sqrt_n_p():
     assert float(off.gradient_scale(tf.zeros((2, 4)))) == 1.0
 
 
-def test_integer_offset_snaps_to_whole_steps_and_passes_gradient_through():
+def test_integer_offset_snaps_to_whole_steps_and_passes_gradient_through(lsq_path):
     q = lsq.LSQQuantizer(bits=4, signed=False, learn_offset=True)
     layer, weights = build(q, (None, 3))
     q.assign_scale(weights, 0.5)

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from tfq import costs, schemes
+from tfq import costs, kernels, schemes
 from tfq import data as tfq_data
 from tfq import models as tfq_models
 from tfq.api import calibrate, is_calibrated, quantize_model, quantize_scope
@@ -178,7 +178,7 @@ def machine_info():
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "tensorflow": tf.__version__, "tfmot": tfmot.__version__,
             "litert": getattr(ai_edge_litert, "__version__", "unknown"), "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d")}
+            "fused_kernels": kernels.available(), "date": time.strftime("%Y-%m-%d")}
 
 
 def _check_count(value, minimum, message):

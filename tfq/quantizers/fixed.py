@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tfq import graph
+from tfq import graph, kernels
 from tfq.quantizers import base
 from tfq.quantizers.grid import UniformGrid
 
@@ -53,7 +53,13 @@ class FixedRangeQuantizer(base.TFQQuantizer):
         return {}  # nothing to learn or calibrate: no variables, not even an init flag
 
     def _forward(self, inputs, training, weights):
-        return _fixed_fake_quant(tf.convert_to_tensor(inputs), tf.constant(self.scale),
+        x = tf.convert_to_tensor(inputs)
+        scale, offset = tf.constant(self.scale), tf.constant(0.0)
+        if training is True and kernels.fusable(x, scale, offset):
+            # the fused LSQ kernels give the same values here: the scales are powers of two, so
+            # x / scale is exact and clip-then-round equals round-then-clip on integer bounds
+            return kernels.fake_quant(x, scale, offset, self.qmin, self.qmax, 0.0)
+        return _fixed_fake_quant(x, tf.constant(self.scale),
                                  tf.constant(float(self.qmin)), tf.constant(float(self.qmax)))
 
     def integer_grid(self, weights):

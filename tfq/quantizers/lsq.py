@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+from tfq import kernels
 from tfq.quantizers import base
 from tfq.quantizers.grid import UniformGrid
 
@@ -59,11 +60,16 @@ def qrange(bits, signed, narrow_range=False):
     return 0, 2 ** bits - 1
 
 
-def lsq_fake_quant(x, scale, offset, qmin, qmax, grad_scale):
+def lsq_fake_quant(x, scale, offset, qmin, qmax, grad_scale, fused=False):
     """Eq. 2 forward with the eq. 3-4 backward; ``scale``/``offset`` broadcast against ``x``.
 
-    ``grad_scale`` (a scalar) multiplies the scale and offset gradients (LSQ's g).
+    ``grad_scale`` (a scalar) multiplies the scale and offset gradients (LSQ's g). ``fused=True``
+    runs a per-tensor float32 quantizer through tfq's fused kernels (``tfq.kernels``: one pass
+    forward, one backward; same forward bits, gradient sums equal to float rounding) when they are
+    loaded; otherwise, and for per-axis scales, the TensorFlow ops below run.
     """
+    if fused and kernels.fusable(x, scale, offset):
+        return kernels.fake_quant(x, scale, offset, qmin, qmax, grad_scale)
     qmin = float(qmin)
     qmax = float(qmax)
 
@@ -209,6 +215,9 @@ class LSQQuantizer(base.TFQQuantizer):
         if self.is_weight:
             total = int(np.prod(x.shape.as_list()))
             return total // max(1, int(np.prod(self._param_shape)))
+        features = x.shape[1:]
+        if features.is_fully_defined():  # a constant, not three ops per step
+            return int(np.prod(features.as_list()))
         return tf.cast(tf.reduce_prod(tf.shape(x)[1:]), tf.float32)
 
     def gradient_scale(self, x):
@@ -216,6 +225,8 @@ class LSQQuantizer(base.TFQQuantizer):
         if not self.use_grad_scale:
             return tf.constant(1.0)
         n = self._elements_per_scale(x)
+        if isinstance(n, int):
+            return tf.constant(1.0 / math.sqrt(n * max(self.qmax, 1)), tf.float32)
         return tf.math.rsqrt(tf.cast(n, tf.float32) * float(max(self.qmax, 1)))
 
     def effective_offset(self, scale, weights):
@@ -235,7 +246,7 @@ class LSQQuantizer(base.TFQQuantizer):
         s = self.scale_tensor(weights)
         beta = self.effective_offset(s, weights)  # activations: s is per tensor
         return lsq_fake_quant(x, self._broadcast(s, x), beta, self.qmin, self.qmax,
-                              self.gradient_scale(x))
+                              self.gradient_scale(x), fused=training is True)
 
     # --- initialisation (sec. 3.2, 4.3) ----------------------------------------------------
     def _reduce_axes(self, x):

@@ -262,7 +262,8 @@ class N2UQActivationQuantizer(base.TFQQuantizer):
     def _forward(self, inputs, training, weights):
         x = tf.cast(tf.convert_to_tensor(inputs), tf.float32)
         scale, offset, zero_point = self._input_grid_tensors(weights)
-        x8 = lsq.lsq_fake_quant(x, scale, offset, INPUT_QMIN, INPUT_QMAX, self._input.gradient_scale(x))
+        x8 = lsq.lsq_fake_quant(x, scale, offset, INPUT_QMIN, INPUT_QMAX, self._input.gradient_scale(x),
+                                fused=training is True)
         codes = tf.clip_by_value(tf.round(tf.stop_gradient(x8) / tf.stop_gradient(scale)) + zero_point,
                                  INPUT_QMIN, INPUT_QMAX)
         table = level_table(self._threshold_codes(weights, scale, zero_point))

@@ -1,0 +1,233 @@
+"""tfq's fused LSQ kernels (tfq/kernels/fake_quant.cc) against the TensorFlow-op form and eq. 2-4."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+
+import tfq
+from tfq import kernels
+from tfq.quantizers import lsq
+
+RANGES = [(0.0, 15.0), (-8.0, 7.0), (-1.0, 1.0), (0.0, 255.0), (-128.0, 127.0)]
+
+
+def tf_ops_fake_quant(x, s, b, qmin, qmax, g):
+    return lsq.lsq_fake_quant(x, s, b, qmin, qmax, g, fused=False)
+
+
+def fused_fake_quant(x, s, b, qmin, qmax, g):
+    assert kernels.available(), "the fused kernels are not built: run `python -m tfq.kernels`"
+    return lsq.lsq_fake_quant(x, s, b, qmin, qmax, g, fused=True)
+
+
+def values(qmin, qmax, s, b, size, seed):
+    """Inputs whose v = (x - b)/s lands below, inside and above [qmin, qmax], on exact rounding
+    ties (k + 0.5), exactly on qmin and qmax, and in (-0.5, 0) (tf.round gives -0 there)."""
+    rng = np.random.default_rng(seed)
+    v = rng.uniform(qmin - 4, qmax + 4, size)
+    v[: size // 4] = rng.integers(int(qmin) - 2, int(qmax) + 2, size // 4) + 0.5
+    v[size // 4: size // 4 + 64] = qmin
+    v[size // 4 + 64: size // 4 + 128] = qmax
+    v[size // 4 + 128: size // 4 + 192] = -rng.uniform(0, 0.5, 64)
+    rng.shuffle(v)
+    return (v * s + b).astype(np.float32)
+
+
+def run(fake_quant, x, s, b, qmin, qmax, g, upstream):
+    xt, st, bt = tf.constant(x), tf.constant(s, tf.float32), tf.constant(b, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch([xt, st, bt])
+        y = fake_quant(xt, st, bt, qmin, qmax, tf.constant(g, tf.float32))
+        loss = tf.reduce_sum(y * upstream)
+    dx, ds, db = tape.gradient(loss, [xt, st, bt])
+    return y.numpy(), dx.numpy(), float(ds), float(db)
+
+
+def reference_grads(x, s, b, qmin, qmax, upstream, g):
+    """Eq. 3-4 in float64 NumPy (v from the float32 division, as both implementations compute it)."""
+    v = ((x - np.float32(b)) / np.float32(s)).astype(np.float64)
+    inside = (v >= qmin) & (v <= qmax)
+    codes = np.round(np.clip(v, qmin, qmax))
+    u = upstream.astype(np.float64)
+    ds = np.sum(u * np.where(inside, codes - v, codes)) * g
+    db = np.sum(np.where(inside, 0.0, u)) * g
+    return ds, db
+
+
+def test_kernels_are_built_and_load():
+    # `make install` builds them; without them training silently-but-correctly slows down 1.5-2x
+    assert kernels.available(), (f"{kernels.LIBRARY} is missing or does not load: run `python -m tfq.kernels`")
+
+
+@pytest.mark.parametrize("qmin, qmax", RANGES)
+@pytest.mark.parametrize("s, b", [(0.37, 0.0), (0.05, -0.25), (1.7, 3.4)])
+def test_fused_forward_is_bit_identical_and_gradients_are_eq3_eq4(qmin, qmax, s, b):
+    size = 3 * 16384 + 37  # several gradient blocks and a tail that is not a multiple of the lanes
+    x = values(qmin, qmax, s, b, size, seed=int(qmax) + 7).reshape(-1, 1)
+    upstream = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+    g = 0.01
+    y_tf, dx_tf, ds_tf, db_tf = run(tf_ops_fake_quant, x, s, b, qmin, qmax, g, upstream)
+    y, dx, ds, db = run(fused_fake_quant, x, s, b, qmin, qmax, g, upstream)
+    # forward: the same float32 bits, -0 included
+    np.testing.assert_array_equal(y.view(np.int32), y_tf.view(np.int32))
+    # dx is dy where qmin <= v <= qmax, else 0: exactly the TF-op values
+    np.testing.assert_array_equal(dx, dx_tf)
+    v = ((x - np.float32(b)) / np.float32(s)).astype(np.float64)
+    np.testing.assert_array_equal(dx, np.where((v >= qmin) & (v <= qmax), upstream, 0))
+    # scale/offset sums (float32 terms, float64 partial sums) within a float32 rounding or so of
+    # eq. 3-4 summed in float64; TensorFlow's float32 reduction is looser
+    ds_ref, db_ref = reference_grads(x, s, b, qmin, qmax, upstream, g)
+    np.testing.assert_allclose([ds, db], [ds_ref, db_ref], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose([ds_tf, db_tf], [ds_ref, db_ref], rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_sums_do_not_depend_on_the_thread_count(tmp_path):
+    size = 20 * 16384 + 5
+    x = values(-8.0, 7.0, 0.3, -0.6, size, seed=3)
+    upstream = np.random.default_rng(4).normal(size=size).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "u.npy", upstream)
+    script = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        import tfq, tensorflow as tf
+        tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[1]))
+        from tfq import kernels
+        x = tf.constant(np.load({str(tmp_path / 'x.npy')!r}))
+        u = tf.constant(np.load({str(tmp_path / 'u.npy')!r}))
+        dx, ds, db = kernels.ops().tfq_lsq_fake_quant_grad(u, x, 0.3, -0.6, 1.0, qmin=-8.0, qmax=7.0)
+        print(repr(float(ds)), repr(float(db)))
+    """)
+    outputs = set()
+    for threads in (1, 2, 3):
+        done = subprocess.run([sys.executable, "-c", script, str(threads)], capture_output=True, text=True,
+                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.add(done.stdout.strip().splitlines()[-1])
+    assert len(outputs) == 1, outputs
+
+
+def test_fused_kernels_reject_per_axis_parameters_and_empty_ranges():
+    ops = kernels.ops()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="scale must hold one value"):
+        ops.tfq_lsq_fake_quant(tf.ones((2, 3)), tf.ones((3,)), 0.0, qmin=0.0, qmax=3.0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="offset must hold one value"):
+        ops.tfq_lsq_fake_quant_grad(tf.ones((2, 3)), tf.ones((2, 3)), 1.0, tf.ones((2,)), 1.0, qmin=0.0, qmax=3.0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="qmin .* must be below qmax"):
+        ops.tfq_lsq_fake_quant(tf.ones((2, 3)), 1.0, 0.0, qmin=3.0, qmax=3.0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"within \+-2\^22"):
+        ops.tfq_lsq_fake_quant(tf.ones((2, 3)), 1.0, 0.0, qmin=0.0, qmax=2.0 ** 23)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="dy shape"):
+        ops.tfq_lsq_fake_quant_grad(tf.ones((2, 2)), tf.ones((2, 3)), 1.0, 0.0, 1.0, qmin=0.0, qmax=3.0)
+
+
+def test_per_axis_scales_use_the_tensorflow_ops():
+    x = tf.constant(np.linspace(-2, 2, 12, dtype=np.float32).reshape(3, 4))
+    s = tf.constant([[0.1, 0.2, 0.3, 0.4]])
+    assert not kernels.fusable(x, s, tf.zeros(()))
+    fused = lsq.lsq_fake_quant(x, s, tf.zeros(()), -8, 7, 1.0, fused=True)
+    np.testing.assert_array_equal(fused.numpy(), tf_ops_fake_quant(x, s, tf.zeros(()), -8, 7, 1.0).numpy())
+
+
+def graph_op_types(function, *args):
+    graph = tf.function(function).get_concrete_function(*args).graph
+    types = {op.type for op in graph.get_operations()}
+    for func in graph._functions.values():  # noqa: SLF001 (custom-gradient and cond sub-graphs)
+        types |= {node.op for node in func.definition.node_def}
+    return types
+
+
+def test_training_steps_use_the_fused_kernels_and_inference_the_tensorflow_ops():
+    model = keras.Sequential([keras.layers.Input((6,)), keras.layers.Dense(4), keras.layers.ReLU(),
+                              keras.layers.Dense(3)])
+    q = tfq.quantize_model(model, method="lsq+", weight_bits=4, activation_bits=4, activation_config=4)
+    x = tf.constant(np.random.default_rng(0).normal(size=(8, 6)).astype(np.float32))
+    q(x, training=True)  # initialise the quantizers
+
+    def train_step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(q(x, training=True) ** 2)
+        return tape.gradient(loss, q.trainable_variables)
+
+    assert {"TfqLsqFakeQuant", "TfqLsqFakeQuantGrad"} <= graph_op_types(train_step, x)
+    # inference graphs (TFLite conversion, SavedModel serving) keep to TensorFlow's own ops
+    assert not any(t.startswith("TfqLsq") for t in graph_op_types(lambda x: q(x, training=False), x))
+    # one training step through either path moves the variables the same way (to float rounding)
+    before = [v.numpy() for v in q.trainable_variables]
+    grads_fused = [g.numpy() for g in train_step(x)]
+    for v, value in zip(q.trainable_variables, before):
+        v.assign(value)
+    original, kernels._state["ops"] = kernels._state.get("ops"), None  # noqa: SLF001
+    try:
+        grads_tf = [g.numpy() for g in train_step(x)]
+    finally:
+        kernels._state["ops"] = original  # noqa: SLF001
+    for a, b in zip(grads_fused, grads_tf):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_xla_compiled_steps_use_the_tensorflow_ops():
+    x = tf.constant([[0.3, 2.0, -1.0]])
+    s = tf.Variable(0.5)
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            y = lsq.lsq_fake_quant(x, tf.identity(s), 0.0, -2, 3, 1.0, fused=True)
+            loss = tf.reduce_sum(y)
+        return y, tape.gradient(loss, s)
+
+    assert not any(t.startswith("TfqLsq") for t in graph_op_types(tf.function(step, jit_compile=True), x))
+    y, ds = tf.function(step, jit_compile=True)(x)
+    y_fused, ds_fused = tf.function(step)(x)
+    np.testing.assert_array_equal(y.numpy(), y_fused.numpy())
+    np.testing.assert_allclose(float(ds), float(ds_fused), rtol=1e-6)
+
+
+def test_missing_library_warns_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "LIBRARY", str(tmp_path / "absent.so"))
+    monkeypatch.setattr(kernels, "_state", {})
+    with pytest.warns(RuntimeWarning, match="is not built.*python -m tfq.kernels"):
+        assert kernels.ops() is None
+    x = tf.constant([[0.3, 2.0]])
+    np.testing.assert_allclose(lsq.lsq_fake_quant(x, 0.5, 0.0, 0, 3, 1.0, fused=True).numpy(), [[0.5, 1.5]])
+
+
+def test_environment_switch(monkeypatch):
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    assert kernels.ops() is None
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setenv(kernels.ENV_SWITCH, "maybe")
+    with pytest.raises(ValueError, match="TFQ_FUSED_KERNELS must be 0 or 1"):
+        kernels.ops()
+
+
+@pytest.mark.parametrize("op", ["sigmoid", "tanh"])
+def test_fixed_range_quantizer_trains_through_the_fused_kernels_with_its_own_numbers(op):
+    from tfq.quantizers import fixed
+    quantizer = fixed.FixedRangeQuantizer(op)
+    scale, _, qmin, qmax = fixed.FIXED_RANGES[op]
+    rng = np.random.default_rng(5)
+    # outside, inside, on the ends, on exact ties k + 0.5 of the 1/256 (1/128) grid
+    codes = np.concatenate([rng.uniform(qmin - 20, qmax + 20, 5000), rng.integers(qmin, qmax, 500) + 0.5,
+                            [qmin, qmax]])
+    x = tf.constant((codes * scale).astype(np.float32))
+    upstream = tf.constant(rng.normal(size=codes.size).astype(np.float32))
+    outputs, grads = {}, {}
+    for training in (True, False):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = quantizer(x, training=training, weights={})
+            loss = tf.reduce_sum(y * upstream)
+        outputs[training], grads[training] = y.numpy(), tape.gradient(loss, x).numpy()
+    assert {"TfqLsqFakeQuant", "TfqLsqFakeQuantGrad"} <= graph_op_types(
+        lambda x: tf.gradients(quantizer(x, training=True, weights={}), x), x)
+    np.testing.assert_array_equal(outputs[True], outputs[False])
+    np.testing.assert_array_equal(outputs[True], np.clip(np.round(codes), qmin, qmax) * np.float32(scale))
+    np.testing.assert_array_equal(grads[True], grads[False])
+    np.testing.assert_array_equal(grads[True], np.where((codes >= qmin) & (codes <= qmax), upstream, 0))

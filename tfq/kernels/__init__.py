@@ -1,0 +1,132 @@
+"""Fused C++ kernels for the training step (built by ``make install`` or ``python -m tfq.kernels``).
+
+``TfqLsqFakeQuant`` / ``TfqLsqFakeQuantGrad`` do LSQ's per-tensor forward (eq. 2) and backward
+(eq. 3-4) in one pass each over the tensor, where the TensorFlow-op form takes about a dozen
+element-wise passes; they are the activation quantizers' training path. The forward is
+bit-identical to the TensorFlow ops; the scale and offset gradient sums agree to float rounding
+(float64 partial sums in fixed blocks, so they do not depend on the thread count).
+
+The library is compiled against the installed TensorFlow's headers with the machine's C++
+compiler. When it is missing, was built for another TensorFlow version or fails to load, tfq warns
+once and uses the TensorFlow ops, which give the same numbers more slowly. ``TFQ_FUSED_KERNELS=0``
+turns the kernels off.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import warnings
+
+import tensorflow as tf
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(HERE, "fake_quant.cc")
+LIBRARY = os.path.join(HERE, "_fused_ops.so")
+STAMP = LIBRARY + ".tfversion"
+#: -ffp-contract=off: no FMA contraction, so ``code * s + b`` rounds like TensorFlow's Mul then Add
+CXXFLAGS = ["-shared", "-fPIC", "-O3", "-ffp-contract=off", "-fno-fast-math", "-Wno-deprecated-declarations"]
+ENV_SWITCH = "TFQ_FUSED_KERNELS"
+
+_state = {}
+
+
+def build(compiler=None, verbose=True):
+    """Compile ``fake_quant.cc`` into ``_fused_ops.so`` for the installed TensorFlow."""
+    compiler = compiler or os.environ.get("CXX", "c++")
+    command = [compiler, *CXXFLAGS, *tf.sysconfig.get_compile_flags(), SOURCE, "-o", LIBRARY,
+               *tf.sysconfig.get_link_flags()]
+    if verbose:
+        print("tfq: building fused kernels:", shlex.join(command))
+    try:
+        subprocess.run(command, check=True)
+    except FileNotFoundError as err:
+        raise RuntimeError(f"tfq: no C++ compiler {compiler!r} to build the fused kernels (install g++, or set "
+                           f"CXX); tfq works without them, with slower training steps") from err
+    with open(STAMP, "w") as handle:
+        handle.write(tf.__version__)
+    _state.clear()
+    return LIBRARY
+
+
+def _warn(reason):
+    warnings.warn(f"tfq: fused LSQ kernels unavailable ({reason}); training uses TensorFlow ops, which give "
+                  f"the same numbers with slower steps. Build them with `python -m tfq.kernels` "
+                  f"(or `make install`); set {ENV_SWITCH}=0 to silence this.", RuntimeWarning, stacklevel=3)
+
+
+@tf.autograph.experimental.do_not_convert
+def ops():
+    """The loaded op module, or None (kernels turned off, not built, or not loadable)."""
+    if "ops" in _state:
+        return _state["ops"]
+    module = None
+    setting = os.environ.get(ENV_SWITCH, "1").strip().lower()
+    if setting not in ("0", "1", "false", "true", "off", "on"):
+        raise ValueError(f"{ENV_SWITCH} must be 0 or 1, got {setting!r}")
+    if setting in ("1", "true", "on"):
+        built_for = open(STAMP).read().strip() if os.path.exists(STAMP) else None
+        if not os.path.exists(LIBRARY):
+            _warn(f"{LIBRARY} is not built")
+        elif built_for != tf.__version__:
+            _warn(f"built for TensorFlow {built_for}, running {tf.__version__}")
+        elif os.path.getmtime(SOURCE) > os.path.getmtime(LIBRARY):
+            _warn(f"{LIBRARY} is older than {SOURCE}")
+        else:
+            try:
+                module = tf.load_op_library(LIBRARY)
+            except (tf.errors.NotFoundError, OSError) as err:
+                _warn(f"loading failed: {str(err).splitlines()[0]}")
+    _state["ops"] = module
+    return module
+
+
+@tf.autograph.experimental.do_not_convert
+def available():
+    """Whether the fused kernels are loaded."""
+    return ops() is not None
+
+
+def fusable(x, scale, offset):
+    """Whether ``fake_quant`` can run this call: kernels loaded, float32, one scale and one offset,
+    and not traced for XLA (``jit_compile=True``), which has no kernel for tfq's ops."""
+    def one_value(t):
+        return t.shape.is_fully_defined() and t.shape.num_elements() == 1
+    scale, offset = tf.convert_to_tensor(scale), tf.convert_to_tensor(offset)
+    return (x.dtype == tf.float32 and scale.dtype == tf.float32 and offset.dtype == tf.float32
+            and one_value(scale) and one_value(offset) and not _in_xla_context() and available())
+
+
+def _in_xla_context():
+    if tf.executing_eagerly():
+        return False
+    from tensorflow.python.ops import control_flow_util  # the only way to ask; no public API
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def fake_quant(x, scale, offset, qmin, qmax, grad_scale):
+    """LSQ's eq. 2 forward and eq. 3-4 backward (scale and offset gradients times ``grad_scale``)
+    through the fused kernels; the caller checks ``fusable`` first."""
+    fused = ops()
+    qmin, qmax = float(qmin), float(qmax)
+    grad_scale = tf.convert_to_tensor(grad_scale, tf.float32)
+
+    def scalar(t):  # the kernels take 0-d scale and offset; no Reshape op when they already are
+        return t if t.shape.rank == 0 else tf.reshape(t, [])
+
+    @tf.custom_gradient
+    def _fake_quant(x, s, b):
+        out = fused.tfq_lsq_fake_quant(x, scalar(s), scalar(b), qmin=qmin, qmax=qmax)
+
+        def grad(dy):
+            dx, ds, db = fused.tfq_lsq_fake_quant_grad(dy, x, scalar(s), scalar(b), grad_scale, qmin=qmin,
+                                                       qmax=qmax)
+            if s.shape.rank != 0:
+                ds = tf.reshape(ds, tf.shape(s))
+            if b.shape.rank != 0:
+                db = tf.reshape(db, tf.shape(b))
+            return dx, ds, db
+
+        return out, grad
+
+    return _fake_quant(x, tf.convert_to_tensor(scale), tf.convert_to_tensor(offset))
