@@ -231,3 +231,29 @@ def test_fixed_range_quantizer_trains_through_the_fused_kernels_with_its_own_num
     np.testing.assert_array_equal(outputs[True], np.clip(np.round(codes), qmin, qmax) * np.float32(scale))
     np.testing.assert_array_equal(grads[True], grads[False])
     np.testing.assert_array_equal(grads[True], np.where((codes >= qmin) & (codes <= qmax), upstream, 0))
+
+
+def test_saved_models_hold_no_tfq_ops_and_load_without_the_library(tmp_path):
+    model = keras.Sequential([keras.layers.Input((6,)), keras.layers.Dense(4), keras.layers.ReLU(),
+                              keras.layers.Dense(3)])
+    q = tfq.quantize_model(model, method="lsq+", weight_bits=4, activation_bits=4, activation_config=4)
+    x = np.random.default_rng(0).normal(size=(8, 6)).astype(np.float32)
+    q.compile("adam", "mse")
+    q.fit(x, np.zeros((8, 3), np.float32), verbose=0)  # traced with the fused kernels
+    path = str(tmp_path / "saved_model")
+    q.save(path)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", q(x).numpy())
+    script = textwrap.dedent(f"""
+        import numpy as np, tfq, tensorflow as tf, tf_keras as keras
+        from tfq import kernels
+        with tfq.quantize_scope():
+            loaded = keras.models.load_model({path!r})
+        assert np.array_equal(loaded(np.load({str(tmp_path / 'x.npy')!r})).numpy(), np.load({str(tmp_path / 'y.npy')!r}))
+        tf.saved_model.load({path!r})  # plain TensorFlow, as a server would
+        assert "ops" not in kernels._state, kernels._state  # tfq's library was never loaded
+        print("loaded")
+    """)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "loaded" in done.stdout, done.stderr[-3000:]

@@ -89,19 +89,23 @@ def available():
 
 def fusable(x, scale, offset):
     """Whether ``fake_quant`` can run this call: kernels loaded, float32, one scale and one offset,
-    and not traced for XLA (``jit_compile=True``), which has no kernel for tfq's ops."""
+    not traced for XLA (``jit_compile=True``), which has no kernel for tfq's ops, and not traced
+    for a SavedModel, which must load and serve where tfq's library is not loaded."""
     def one_value(t):
         return t.shape.is_fully_defined() and t.shape.num_elements() == 1
     scale, offset = tf.convert_to_tensor(scale), tf.convert_to_tensor(offset)
     return (x.dtype == tf.float32 and scale.dtype == tf.float32 and offset.dtype == tf.float32
-            and one_value(scale) and one_value(offset) and not _in_xla_context() and available())
+            and one_value(scale) and one_value(offset) and not _tracing_for_xla_or_saved_model() and available())
 
 
-def _in_xla_context():
+def _tracing_for_xla_or_saved_model():
     if tf.executing_eagerly():
         return False
-    from tensorflow.python.ops import control_flow_util  # the only way to ask; no public API
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    # the only ways to ask; TensorFlow has no public API for either
+    from tensorflow.python.ops import control_flow_util
+    from tensorflow.python.saved_model import save_context
+    return save_context.in_save_context() or control_flow_util.GraphOrParentsInXlaContext(
+        tf.compat.v1.get_default_graph())
 
 
 def fake_quant(x, scale, offset, qmin, qmax, grad_scale):
