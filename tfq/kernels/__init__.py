@@ -87,6 +87,7 @@ def available():
     return ops() is not None
 
 
+@tf.autograph.experimental.do_not_convert
 def fusable(x, scale, offset):
     """Whether ``fake_quant`` can run this call: kernels loaded, float32, one scale and one offset,
     not traced for XLA (``jit_compile=True``), which has no kernel for tfq's ops, and not traced
@@ -108,6 +109,7 @@ def _tracing_for_xla_or_saved_model():
         tf.compat.v1.get_default_graph())
 
 
+@tf.autograph.experimental.do_not_convert  # plain graph building; autograph would re-read this file
 def fake_quant(x, scale, offset, qmin, qmax, grad_scale):
     """LSQ's eq. 2 forward and eq. 3-4 backward (scale and offset gradients times ``grad_scale``)
     through the fused kernels; the caller checks ``fusable`` first."""
