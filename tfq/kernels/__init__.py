@@ -25,7 +25,8 @@ SOURCE = os.path.join(HERE, "fake_quant.cc")
 LIBRARY = os.path.join(HERE, "_fused_ops.so")
 STAMP = LIBRARY + ".tfversion"
 #: -ffp-contract=off: no FMA contraction, so ``code * s + b`` rounds like TensorFlow's Mul then Add
-CXXFLAGS = ["-shared", "-fPIC", "-O3", "-ffp-contract=off", "-fno-fast-math", "-Wno-deprecated-declarations"]
+CXXFLAGS = ["-shared", "-fPIC", "-O3", "-ffp-contract=off", "-fno-fast-math",
+            "-Wno-deprecated-declarations", "-Wno-interference-size"]  # warnings from TensorFlow's headers
 ENV_SWITCH = "TFQ_FUSED_KERNELS"
 
 _state = {}
