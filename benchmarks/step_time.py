@@ -30,7 +30,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from benchmarks.common import describe_error, new_results, tfmot_peer, write
-from tfq import models
+from tfq import kernels, models
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -78,20 +78,6 @@ def quantizers_as_identity(weights_too):
         base.TFQQuantizer.__call__ = original
 
 
-@contextlib.contextmanager
-def fused_kernels_off():
-    """While active, tfq quantizers traced into a graph use TensorFlow's ops instead of tfq's fused
-    kernels (``tfq.kernels``), for the ``--tf_ops`` variants."""
-    from tfq import kernels
-    kernels.ops()  # settle the cached state first
-    saved = kernels._state["ops"]  # noqa: SLF001
-    kernels._state["ops"] = None  # noqa: SLF001
-    try:
-        yield
-    finally:
-        kernels._state["ops"] = saved  # noqa: SLF001
-
-
 def variants(model_name, methods, bits, ablation=False, tf_ops=False, calibration=None):
     """(name, builder, tracing context) triples: float, tfq method x bits, tfmot's default 8-bit QAT;
     the context (a context-manager factory) is active while the variant is traced: the identity
@@ -108,7 +94,7 @@ def variants(model_name, methods, bits, ablation=False, tf_ops=False, calibratio
                 return quantized
             out.append((f"tfq {method} W{b}A{b}", build, contextlib.nullcontext))
             if tf_ops:
-                out.append((f"tfq {method} W{b}A{b} TF ops (no fused kernels)", build, fused_kernels_off))
+                out.append((f"tfq {method} W{b}A{b} TF ops (no fused kernels)", build, kernels.turned_off))
             if ablation:
                 out.append((f"tfq {method} W{b}A{b} activation quantizers off", build,
                             lambda: quantizers_as_identity(False)))

@@ -162,11 +162,10 @@ def test_training_steps_use_the_fused_kernels_and_inference_the_tensorflow_ops()
     grads_fused = [g.numpy() for g in train_step(x)]
     for v, value in zip(q.trainable_variables, before):
         v.assign(value)
-    original, kernels._state["ops"] = kernels._state.get("ops"), None  # noqa: SLF001
-    try:
+    with kernels.turned_off():
+        assert not kernels.available()
         grads_tf = [g.numpy() for g in train_step(x)]
-    finally:
-        kernels._state["ops"] = original  # noqa: SLF001
+    assert kernels.available()
     for a, b in zip(grads_fused, grads_tf):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 

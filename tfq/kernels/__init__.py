@@ -13,6 +13,7 @@ turns the kernels off.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import subprocess
@@ -82,6 +83,19 @@ def ops():
     return module
 
 
+@contextlib.contextmanager
+def turned_off():
+    """While active, quantizers traced into a graph use TensorFlow's ops instead of the kernels
+    (as when they are not built), without a warning; the loaded state comes back afterwards."""
+    ops()  # settle the cached state first
+    saved = _state["ops"]
+    _state["ops"] = None
+    try:
+        yield
+    finally:
+        _state["ops"] = saved
+
+
 @tf.autograph.experimental.do_not_convert
 def available():
     """Whether the fused kernels are loaded."""
@@ -123,11 +137,11 @@ def fake_quant(x, scale, offset, qmin, qmax, grad_scale):
 
     @tf.custom_gradient
     def _fake_quant(x, s, b):
-        out = fused.tfq_lsq_fake_quant(x, scalar(s), scalar(b), qmin=qmin, qmax=qmax)
+        s0, b0 = scalar(s), scalar(b)  # shared by the forward and the backward op
+        out = fused.tfq_lsq_fake_quant(x, s0, b0, qmin=qmin, qmax=qmax)
 
         def grad(dy):
-            dx, ds, db = fused.tfq_lsq_fake_quant_grad(dy, x, scalar(s), scalar(b), grad_scale, qmin=qmin,
-                                                       qmax=qmax)
+            dx, ds, db = fused.tfq_lsq_fake_quant_grad(dy, x, s0, b0, grad_scale, qmin=qmin, qmax=qmax)
             if s.shape.rank != 0:
                 ds = tf.reshape(ds, tf.shape(s))
             if b.shape.rank != 0:

@@ -59,8 +59,7 @@ class FixedRangeQuantizer(base.TFQQuantizer):
             # the fused LSQ kernels give the same values here: the scales are powers of two, so
             # x / scale is exact and clip-then-round equals round-then-clip on integer bounds
             return kernels.fake_quant(x, scale, offset, self.qmin, self.qmax, 0.0)
-        return _fixed_fake_quant(x, tf.constant(self.scale),
-                                 tf.constant(float(self.qmin)), tf.constant(float(self.qmax)))
+        return _fixed_fake_quant(x, scale, tf.constant(float(self.qmin)), tf.constant(float(self.qmax)))
 
     def integer_grid(self, weights):
         return UniformGrid(scale=self.scale, zero_point=self.zero_point, bits=8, qmin=self.qmin,
