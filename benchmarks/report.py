@@ -138,6 +138,72 @@ def large_models_table(results):
     return "\n".join(rows)
 
 
+def _variant_name(v):
+    name = v["method"]
+    if v.get("options") and "activation_config" in v["options"]:
+        name += f" config {v['options']['activation_config']}"
+    return name
+
+
+def lsq_seeds_table(files):
+    """Mean and range over seeds of the LSQ protocol runs (``lsq_protocol*.json``, one seed per file
+    or several files per seed for different bit-widths), each row's gap to its own file's float row;
+    a (seed, variant) measured twice with different accuracies is an error, not a silent choice."""
+    import statistics
+    by_variant, seeds, commands = {}, set(), []
+    budget_keys = ("model", "float_epochs", "epochs", "learning_rate", "limit", "scale_parameterization",
+                   "scale_lr_multiplier")
+    budgets = {tuple(r["protocol"].get(k) for k in budget_keys) for r in files}
+    if len(budgets) > 1:
+        raise ValueError(f"lsq_protocol*.json files with different budgets {sorted(budgets, key=str)} "
+                         f"({', '.join(budget_keys)}): one seeds table cannot mix them")
+    for results in files:
+        protocol = results["protocol"]
+        seed = protocol.get("seed", 0)
+        seeds.add(seed)
+        commands.append(results["command"])
+        float_row = next((v for v in results["variants"] if v["method"] == "float" and "keras_accuracy" in v), None)
+        for v in results["variants"]:
+            if v["method"] == "float" or "keras_accuracy" not in v:
+                continue
+            key = (v["weight_bits"], v["method"] == "tfmot-8bit", _variant_name(v))
+            runs = by_variant.setdefault(key, {})
+            float_bn = float_row.get("keras_accuracy_bn_reestimated") if float_row else None
+            bn = v.get("keras_accuracy_bn_reestimated")
+            entry = {"acc": v["keras_accuracy"],
+                     "delta": 100 * (v["keras_accuracy"] - float_row["keras_accuracy"]) if float_row else None,
+                     "bn_delta": 100 * (bn - float_bn) if bn is not None and float_bn is not None else None}
+            if seed in runs:  # e.g. tfmot's 8-bit row, run with every bit-width: fine if it is the same number
+                if runs[seed]["acc"] != v["keras_accuracy"]:
+                    raise ValueError(f"{_variant_name(v)} W{v['weight_bits']} seed {seed} is in two result files "
+                                     f"with different accuracies ({runs[seed]['acc']} and {v['keras_accuracy']})")
+                if runs[seed]["bn_delta"] is None:
+                    runs[seed]["bn_delta"] = entry["bn_delta"]
+                continue
+            runs[seed] = entry
+    rows = ["| variant | W/A bits | seeds | mean acc. | min - max | mean Δ vs float (pt) | Δ per seed (pt) | "
+            "mean Δ after BatchNorm re-estimation (seeds) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for (bits, _, name), runs in sorted(by_variant.items(), key=lambda kv: (kv[0][1], -kv[0][0])):
+        order = sorted(runs)
+        accs = [runs[s]["acc"] for s in order]
+        deltas = [runs[s]["delta"] for s in order if runs[s]["delta"] is not None]
+        bn = [runs[s]["bn_delta"] for s in order if runs[s]["bn_delta"] is not None]
+        per_seed = " / ".join(f"s{s}: {runs[s]['delta']:+.2f}" for s in order if runs[s]["delta"] is not None)
+        rows.append(f"| {name} | {bits}/{bits} | {len(order)} | {statistics.mean(accs):.4f} | "
+                    f"{min(accs):.4f} - {max(accs):.4f} | "
+                    f"{_fmt(statistics.mean(deltas) if deltas else None, '+.2f')} | {per_seed} | "
+                    f"{f'{statistics.mean(bn):+.2f} ({len(bn)})' if bn else '—'} |")
+    rows.append("")
+    rows.append(f"Seeds {', '.join(str(s) for s in sorted(seeds))}; each gap is to the float row of the same run "
+                "(same seed, same float checkpoint, same fine-tuning budget). Commands: "
+                + "; ".join(f"`{c}`" for c in commands) + ".")
+    return "\n".join(rows)
+
+
+#: tables built from several result files: name -> (file pattern, builder taking the list of results)
+MULTI_FILE_TABLES = {"lsq_seeds": ("lsq_protocol*.json", lsq_seeds_table)}
+
 TABLES = {"lsq": lsq_table, "lsq_protocol": lsq_table, "export": export_table, "latency": latency_table, "large_models": large_models_table}
 
 
@@ -148,6 +214,13 @@ def main():
         if name in TABLES:
             with open(path) as f:
                 tables[name] = TABLES[name](json.load(f))
+    for name, (pattern, build) in MULTI_FILE_TABLES.items():
+        files = []
+        for path in sorted(glob.glob(os.path.join(HERE, "results", pattern))):
+            with open(path) as f:
+                files.append(json.load(f))
+        if files:
+            tables[name] = build(files)
     docs = sorted(glob.glob(os.path.join(os.path.dirname(HERE), "docs", "*.md")))
     for page in [README] + docs:   # README and the docs pages hold the markers
         if not os.path.exists(page):

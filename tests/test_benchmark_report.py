@@ -1,0 +1,52 @@
+"""benchmarks.report's seeds table: means and gaps computed by hand from made-up result files."""
+import pytest
+
+from benchmarks import report
+
+
+def _results(seed, rows, float_acc, float_bn=None, epochs=3, command="cmd"):
+    protocol = {"model": "mobile_swish", "float_epochs": 3, "epochs": epochs, "learning_rate": 5e-4,
+                "limit": None, "scale_parameterization": "log", "scale_lr_multiplier": None, "seed": seed}
+    float_row = {"method": "float", "weight_bits": None, "options": None, "keras_accuracy": float_acc}
+    if float_bn is not None:
+        float_row["keras_accuracy_bn_reestimated"] = float_bn
+    variants = [float_row]
+    for config, bits, acc, bn in rows:
+        row = {"method": "lsq+", "weight_bits": bits, "activation_bits": bits,
+               "options": {"activation_config": config}, "keras_accuracy": acc}
+        if bn is not None:
+            row["keras_accuracy_bn_reestimated"] = bn
+        variants.append(row)
+    return {"protocol": protocol, "variants": variants, "command": command}
+
+
+def _row(table, start):
+    return next(line for line in table.splitlines() if line.startswith(start))
+
+
+def test_means_and_gaps_per_seed_against_each_files_float_row():
+    files = [_results(0, [(3, 4, 0.88, None), (3, 2, 0.70, None)], 0.90),
+             _results(1, [(3, 4, 0.86, 0.87)], 0.89, float_bn=0.89),
+             _results(1, [(3, 2, 0.60, None)], 0.80)]   # seed 1's W2 row in another file, its own float row
+    table = report.lsq_seeds_table(files)
+    w4 = _row(table, "| lsq+ config 3 | 4/4 |").split(" | ")
+    # mean acc (0.88 + 0.86) / 2; gaps -2 and -3 points; BatchNorm gap only on seed 1: 0.87 - 0.89
+    assert w4[2:7] == ["2", "0.8700", "0.8600 - 0.8800", "-2.50", "s0: -2.00 / s1: -3.00"]
+    assert w4[7].startswith("-2.00 (1)")
+    w2 = _row(table, "| lsq+ config 3 | 2/2 |").split(" | ")
+    assert w2[5:7] == ["-20.00", "s0: -20.00 / s1: -20.00"]
+    assert w2[7].startswith("—")
+    assert table.index("| 4/4 |") < table.index("| 2/2 |")   # higher bit-widths first
+
+
+def test_a_variant_measured_twice_for_one_seed_is_an_error_unless_the_same_number():
+    with pytest.raises(ValueError, match="seed 1 is in two result files"):
+        report.lsq_seeds_table([_results(1, [(4, 2, 0.7, None)], 0.9), _results(1, [(4, 2, 0.6, None)], 0.9)])
+    table = report.lsq_seeds_table([_results(1, [(4, 2, 0.7, None)], 0.9), _results(1, [(4, 2, 0.7, None)], 0.9)])
+    assert _row(table, "| lsq+ config 4 | 2/2 |").split(" | ")[2] == "1"
+
+
+def test_files_with_different_budgets_are_not_mixed():
+    with pytest.raises(ValueError, match="different budgets"):
+        report.lsq_seeds_table([_results(0, [(4, 2, 0.7, None)], 0.9),
+                                _results(1, [(4, 2, 0.6, None)], 0.9, epochs=1)])
