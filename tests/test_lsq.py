@@ -277,3 +277,33 @@ def test_adam_steps_on_a_small_weight_scale(parameterization):
         np.testing.assert_allclose(s, 1e-8)
     else:
         assert np.all(s <= 1e-3) and np.all(s >= 1e-3 * math.exp(-10 * 5e-4 * 1.001))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_configurations_3_and_4_hold_the_same_grids_but_scale_them_about_different_codes(bits):
+    """With a learned integer zero point a signed grid (codes -2^(b-1)..2^(b-1)-1) and an unsigned one
+    (0..2^b-1) reach the same levels, and the MSE initialisation starts both at the same grid. Eq. 3
+    moves s about code 0 (the middle of the signed range, the bottom of the unsigned one), so
+    ds/g differs by -2^(b-1) per clipped element: ds3/g3 = ds4/g4 - 2^(b-1) dbeta/g (docs/lsq_plus.md)."""
+    rng = np.random.default_rng(3)
+    pre = rng.normal(size=(32, 6, 6, 4)).astype(np.float32) * 2
+    x = tf.constant(pre / (1 + np.exp(-pre)))
+    found = {}
+    for config in (3, 4):
+        q = lsq.activation_quantizer(bits, config=config)  # log s: d/d(log s) = s d/ds
+        layer, weights = build(q, (None, 6, 6, 4))
+        q(x, training=True, weights=weights)  # MSE initialisation
+        with tf.GradientTape() as tape:
+            y = q(x, training=True, weights=weights)
+            loss = tf.reduce_sum(y * tf.sin(x))
+        d_log_s, d_beta = tape.gradient(loss, [weights[q.scale_role], weights["offset"]])
+        g = 1 / math.sqrt(6 * 6 * 4 * q.qmax)
+        s = q.scale_numpy(weights)
+        found[config] = (q.integer_grid(weights), y.numpy(), float(d_log_s) / (s * g), float(d_beta) / g)
+    (grid3, y3, ds3, db3), (grid4, y4, ds4, db4) = found[3], found[4]
+    assert float(grid3.scale) == pytest.approx(float(grid4.scale), rel=1e-6)
+    assert int(grid3.zero_point) - grid3.qmin == int(grid4.zero_point) - grid4.qmin  # real 0 on the same code
+    np.testing.assert_allclose(y3, y4, atol=1e-5 * float(grid3.scale))
+    assert db3 == pytest.approx(db4, rel=1e-4)
+    assert abs(db4) > 1.0  # some elements are clipped, so the two scale gradients differ
+    assert ds3 == pytest.approx(ds4 - 2 ** (bits - 1) * db4, rel=1e-4)
