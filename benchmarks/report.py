@@ -145,24 +145,27 @@ def _variant_name(v):
     return name
 
 
-def lsq_seeds_table(files):
-    """Mean and range over seeds of the LSQ protocol runs (``lsq_protocol*.json``, one seed per file
-    or several files per seed for different bit-widths), each row's gap to its own file's float row;
-    a (seed, variant) measured twice with different accuracies is an error, not a silent choice."""
-    import statistics
-    by_variant, seeds, commands = {}, set(), []
-    budget_keys = ("model", "float_epochs", "epochs", "learning_rate", "limit", "scale_parameterization",
-                   "scale_lr_multiplier")
-    budgets = {tuple(r["protocol"].get(k) for k in budget_keys) for r in files}
+_BUDGET_KEYS = ("model", "float_epochs", "epochs", "learning_rate", "limit", "scale_parameterization",
+                "scale_lr_multiplier")
+
+
+def _check_one_budget(files, keys, what):
+    budgets = {tuple(r["protocol"].get(k) for k in keys) for r in files}
     if len(budgets) > 1:
-        raise ValueError(f"lsq_protocol*.json files with different budgets {sorted(budgets, key=str)} "
-                         f"({', '.join(budget_keys)}): one seeds table cannot mix them")
+        raise ValueError(f"{what} files with different budgets {sorted(budgets, key=str)} "
+                         f"({', '.join(keys)}): one table cannot mix them")
+
+
+def _seed_runs(files):
+    """``({(bits, is_tfmot_8bit, name): {seed: {acc, delta, bn_delta}}}, {seed: float acc}, commands)``;
+    each gap is to the float row of the row's own file."""
+    by_variant, floats, commands = {}, {}, []
     for results in files:
-        protocol = results["protocol"]
-        seed = protocol.get("seed", 0)
-        seeds.add(seed)
+        seed = results["protocol"].get("seed", 0)
         commands.append(results["command"])
         float_row = next((v for v in results["variants"] if v["method"] == "float" and "keras_accuracy" in v), None)
+        if float_row is not None:
+            floats.setdefault(seed, float_row["keras_accuracy"])
         for v in results["variants"]:
             if v["method"] == "float" or "keras_accuracy" not in v:
                 continue
@@ -181,28 +184,74 @@ def lsq_seeds_table(files):
                     runs[seed]["bn_delta"] = entry["bn_delta"]
                 continue
             runs[seed] = entry
+    return by_variant, floats, commands
+
+
+def _seed_cells(runs):
+    """Cells: seeds, mean acc., min - max, mean gap, gap per seed, mean gap after BatchNorm re-estimation."""
+    import statistics
+    order = sorted(runs)
+    accs = [runs[s]["acc"] for s in order]
+    deltas = [runs[s]["delta"] for s in order if runs[s]["delta"] is not None]
+    bn = [runs[s]["bn_delta"] for s in order if runs[s]["bn_delta"] is not None]
+    per_seed = " / ".join(f"s{s}: {runs[s]['delta']:+.2f}" for s in order if runs[s]["delta"] is not None)
+    return (f"{len(order)} | {statistics.mean(accs):.4f} | {min(accs):.4f} - {max(accs):.4f} | "
+            f"{_fmt(statistics.mean(deltas) if deltas else None, '+.2f')} | {per_seed} | "
+            f"{f'{statistics.mean(bn):+.2f} ({len(bn)})' if bn else '—'}")
+
+
+def lsq_seeds_table(files):
+    """Mean and range over seeds of the LSQ protocol runs (``lsq_protocol*.json``, one seed per file
+    or several files per seed for different bit-widths), each row's gap to its own file's float row;
+    a (seed, variant) measured twice with different accuracies is an error, not a silent choice."""
+    _check_one_budget(files, _BUDGET_KEYS, "lsq_protocol*.json")
+    by_variant, floats, commands = _seed_runs(files)
     rows = ["| variant | W/A bits | seeds | mean acc. | min - max | mean Δ vs float (pt) | Δ per seed (pt) | "
             "mean Δ after BatchNorm re-estimation (seeds) |",
             "|---|---|---|---|---|---|---|---|"]
     for (bits, _, name), runs in sorted(by_variant.items(), key=lambda kv: (kv[0][1], -kv[0][0])):
-        order = sorted(runs)
-        accs = [runs[s]["acc"] for s in order]
-        deltas = [runs[s]["delta"] for s in order if runs[s]["delta"] is not None]
-        bn = [runs[s]["bn_delta"] for s in order if runs[s]["bn_delta"] is not None]
-        per_seed = " / ".join(f"s{s}: {runs[s]['delta']:+.2f}" for s in order if runs[s]["delta"] is not None)
-        rows.append(f"| {name} | {bits}/{bits} | {len(order)} | {statistics.mean(accs):.4f} | "
-                    f"{min(accs):.4f} - {max(accs):.4f} | "
-                    f"{_fmt(statistics.mean(deltas) if deltas else None, '+.2f')} | {per_seed} | "
-                    f"{f'{statistics.mean(bn):+.2f} ({len(bn)})' if bn else '—'} |")
+        rows.append(f"| {name} | {bits}/{bits} | {_seed_cells(runs)} |")
     rows.append("")
-    rows.append(f"Seeds {', '.join(str(s) for s in sorted(seeds))}; each gap is to the float row of the same run "
+    rows.append(f"Seeds {', '.join(str(s) for s in sorted(floats))}; each gap is to the float row of the same run "
                 "(same seed, same float checkpoint, same fine-tuning budget). Commands: "
                 + "; ".join(f"`{c}`" for c in commands) + ".")
     return "\n".join(rows)
 
 
+def lsq_learning_rate_table(protocol_files, rate_files):
+    """The variants of ``rate_files`` (``lsq_lr*.json``: runs at other fine-tuning learning rates) at
+    every learning rate measured, the protocol runs (``protocol_files``) included, over seeds; each gap
+    is to the float row of its own file."""
+    import statistics
+    files = list(protocol_files) + list(rate_files)
+    keys = tuple(k for k in _BUDGET_KEYS if k != "learning_rate")
+    _check_one_budget(files, keys, "lsq_protocol*.json and lsq_lr*.json")
+    studied = {(v["weight_bits"], _variant_name(v)) for r in rate_files for v in r["variants"]
+               if v["method"] != "float"}
+    by_rate = {}
+    for r in files:
+        by_rate.setdefault(r["protocol"]["learning_rate"], []).append(r)
+    rows = ["| fine-tuning learning rate | variant | W/A bits | seeds | mean acc. | min - max | mean Δ vs float (pt) | "
+            "Δ per seed (pt) | mean Δ after BatchNorm re-estimation (seeds) | mean float acc. |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    commands = []
+    for rate in sorted(by_rate):
+        by_variant, floats, rate_commands = _seed_runs(by_rate[rate])
+        commands += rate_commands
+        for (bits, _, name), runs in sorted(by_variant.items(), key=lambda kv: kv[0][2]):
+            if (bits, name) in studied:
+                float_mean = statistics.mean(floats[s] for s in runs if s in floats)
+                rows.append(f"| {rate:g} | {name} | {bits}/{bits} | {_seed_cells(runs)} | {float_mean:.4f} |")
+    rows.append("")
+    rows.append("Adam with cosine decay over the 3 fine-tuning epochs, the float row at the same rate in each run. "
+                "Commands: " + "; ".join(f"`{c}`" for c in commands) + ".")
+    return "\n".join(rows)
+
+
 #: tables built from several result files: name -> (file pattern, builder taking the list of results)
-MULTI_FILE_TABLES = {"lsq_seeds": ("lsq_protocol*.json", lsq_seeds_table)}
+#: (the builder gets one list of results per pattern)
+MULTI_FILE_TABLES = {"lsq_seeds": (("lsq_protocol*.json",), lsq_seeds_table),
+                     "lsq_learning_rate": (("lsq_protocol*.json", "lsq_lr*.json"), lsq_learning_rate_table)}
 
 TABLES = {"lsq": lsq_table, "lsq_protocol": lsq_table, "export": export_table, "latency": latency_table, "large_models": large_models_table}
 
@@ -214,13 +263,15 @@ def main():
         if name in TABLES:
             with open(path) as f:
                 tables[name] = TABLES[name](json.load(f))
-    for name, (pattern, build) in MULTI_FILE_TABLES.items():
-        files = []
-        for path in sorted(glob.glob(os.path.join(HERE, "results", pattern))):
-            with open(path) as f:
-                files.append(json.load(f))
-        if files:
-            tables[name] = build(files)
+    for name, (patterns, build) in MULTI_FILE_TABLES.items():
+        groups = []
+        for pattern in patterns:
+            groups.append([])
+            for path in sorted(glob.glob(os.path.join(HERE, "results", pattern))):
+                with open(path) as f:
+                    groups[-1].append(json.load(f))
+        if all(groups):
+            tables[name] = build(*groups)
     docs = sorted(glob.glob(os.path.join(os.path.dirname(HERE), "docs", "*.md")))
     for page in [README] + docs:   # README and the docs pages hold the markers
         if not os.path.exists(page):

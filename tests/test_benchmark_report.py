@@ -4,8 +4,8 @@ import pytest
 from benchmarks import report
 
 
-def _results(seed, rows, float_acc, float_bn=None, epochs=3, command="cmd"):
-    protocol = {"model": "mobile_swish", "float_epochs": 3, "epochs": epochs, "learning_rate": 5e-4,
+def _results(seed, rows, float_acc, float_bn=None, epochs=3, command="cmd", learning_rate=5e-4):
+    protocol = {"model": "mobile_swish", "float_epochs": 3, "epochs": epochs, "learning_rate": learning_rate,
                 "limit": None, "scale_parameterization": "log", "scale_lr_multiplier": None, "seed": seed}
     float_row = {"method": "float", "weight_bits": None, "options": None, "keras_accuracy": float_acc}
     if float_bn is not None:
@@ -50,3 +50,19 @@ def test_files_with_different_budgets_are_not_mixed():
     with pytest.raises(ValueError, match="different budgets"):
         report.lsq_seeds_table([_results(0, [(4, 2, 0.7, None)], 0.9),
                                 _results(1, [(4, 2, 0.6, None)], 0.9, epochs=1)])
+
+
+def test_learning_rate_table_shows_the_studied_variants_at_every_rate():
+    protocol = [_results(0, [(3, 4, 0.88, None), (1, 4, 0.87, None), (3, 2, 0.70, None)], 0.90),
+                _results(1, [(3, 4, 0.86, None)], 0.89)]
+    other_rate = [_results(1, [(3, 4, 0.88, 0.885)], 0.895, float_bn=0.90, learning_rate=1e-3)]
+    table = report.lsq_learning_rate_table(protocol, other_rate)
+    body = [line for line in table.splitlines() if line.startswith("| 0.0")]
+    assert len(body) == 2   # only W4A4 config 3 was studied at another rate
+    at_protocol, at_other = (line.split(" | ") for line in body)
+    assert at_protocol[0] == "| 0.0005" and at_protocol[3:8] == ["2", "0.8700", "0.8600 - 0.8800", "-2.50",
+                                                                   "s0: -2.00 / s1: -3.00"]
+    assert at_protocol[9].startswith("0.8950")   # mean of the two float rows
+    assert at_other[0] == "| 0.001" and at_other[6:8] == ["-1.50", "s1: -1.50"] and at_other[8] == "-1.50 (1)"
+    with pytest.raises(ValueError, match="different budgets"):
+        report.lsq_learning_rate_table(protocol, [_results(1, [(3, 4, 0.88, None)], 0.9, epochs=1, learning_rate=1e-3)])
