@@ -4,10 +4,12 @@ no JSON backs.
 
     python -m benchmarks.report
 """
+import fnmatch
 import glob
 import json
 import os
 import re
+import statistics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(os.path.dirname(HERE), "README.md")
@@ -17,6 +19,13 @@ def _fmt(value, spec):
     return "—" if value is None else format(value, spec)
 
 
+def _variant_name(v):
+    name = v["method"]
+    if v.get("options") and "activation_config" in v["options"]:
+        name += f" config {v['options']['activation_config']}"
+    return name
+
+
 def lsq_table(results):
     epochs = results["protocol"]["epochs"]
     epoch_col = "epoch s (median 2..E)" if epochs > 1 else "epoch s (1 epoch, incl. tracing)"
@@ -24,9 +33,7 @@ def lsq_table(results):
             "|---|---|---|---|---|---|"]
     float_acc = next((v.get("keras_accuracy") for v in results["variants"] if v["method"] == "float"), None)
     for v in results["variants"]:
-        name = v["method"]
-        if v.get("options", {}) and "activation_config" in v["options"]:
-            name += f" config {v['options']['activation_config']}"
+        name = _variant_name(v)
         bits = "32/32" if v["method"] == "float" else f"{v['weight_bits']}/{v['activation_bits']}"
         if "error" in v:
             rows.append(f"| {name} | {bits} | cannot quantize this model: {v['error'][:120]} | | | |")
@@ -138,13 +145,6 @@ def large_models_table(results):
     return "\n".join(rows)
 
 
-def _variant_name(v):
-    name = v["method"]
-    if v.get("options") and "activation_config" in v["options"]:
-        name += f" config {v['options']['activation_config']}"
-    return name
-
-
 _BUDGET_KEYS = ("model", "float_epochs", "epochs", "learning_rate", "limit", "scale_parameterization",
                 "scale_lr_multiplier")
 
@@ -166,12 +166,12 @@ def _seed_runs(files):
         float_row = next((v for v in results["variants"] if v["method"] == "float" and "keras_accuracy" in v), None)
         if float_row is not None:
             floats.setdefault(seed, float_row["keras_accuracy"])
+        float_bn = float_row.get("keras_accuracy_bn_reestimated") if float_row else None
         for v in results["variants"]:
             if v["method"] == "float" or "keras_accuracy" not in v:
                 continue
             key = (v["weight_bits"], v["method"] == "tfmot-8bit", _variant_name(v))
             runs = by_variant.setdefault(key, {})
-            float_bn = float_row.get("keras_accuracy_bn_reestimated") if float_row else None
             bn = v.get("keras_accuracy_bn_reestimated")
             entry = {"acc": v["keras_accuracy"],
                      "delta": 100 * (v["keras_accuracy"] - float_row["keras_accuracy"]) if float_row else None,
@@ -189,7 +189,6 @@ def _seed_runs(files):
 
 def _seed_cells(runs):
     """Cells: seeds, mean acc., min - max, mean gap, gap per seed, mean gap after BatchNorm re-estimation."""
-    import statistics
     order = sorted(runs)
     accs = [runs[s]["acc"] for s in order]
     deltas = [runs[s]["delta"] for s in order if runs[s]["delta"] is not None]
@@ -222,7 +221,6 @@ def lsq_learning_rate_table(protocol_files, rate_files):
     """The variants of ``rate_files`` (``lsq_lr*.json``: runs at other fine-tuning learning rates) at
     every learning rate measured, the protocol runs (``protocol_files``) included, over seeds; each gap
     is to the float row of its own file."""
-    import statistics
     files = list(protocol_files) + list(rate_files)
     keys = tuple(k for k in _BUDGET_KEYS if k != "learning_rate")
     _check_one_budget(files, keys, "lsq_protocol*.json and lsq_lr*.json")
@@ -248,8 +246,8 @@ def lsq_learning_rate_table(protocol_files, rate_files):
     return "\n".join(rows)
 
 
-#: tables built from several result files: name -> (file pattern, builder taking the list of results)
-#: (the builder gets one list of results per pattern)
+#: tables built from several result files: name -> (file-name patterns, builder getting one list of
+#: results per pattern)
 MULTI_FILE_TABLES = {"lsq_seeds": (("lsq_protocol*.json",), lsq_seeds_table),
                      "lsq_learning_rate": (("lsq_protocol*.json", "lsq_lr*.json"), lsq_learning_rate_table)}
 
@@ -257,19 +255,16 @@ TABLES = {"lsq": lsq_table, "lsq_protocol": lsq_table, "export": export_table, "
 
 
 def main():
-    tables = {}
+    results, tables = {}, {}  # results: file name -> its contents, each file read once
     for path in sorted(glob.glob(os.path.join(HERE, "results", "*.json"))):
+        with open(path) as f:
+            results[os.path.basename(path)] = data = json.load(f)
         name = os.path.splitext(os.path.basename(path))[0]
         if name in TABLES:
-            with open(path) as f:
-                tables[name] = TABLES[name](json.load(f))
+            tables[name] = TABLES[name](data)
     for name, (patterns, build) in MULTI_FILE_TABLES.items():
-        groups = []
-        for pattern in patterns:
-            groups.append([])
-            for path in sorted(glob.glob(os.path.join(HERE, "results", pattern))):
-                with open(path) as f:
-                    groups[-1].append(json.load(f))
+        groups = [[data for file_name, data in results.items() if fnmatch.fnmatch(file_name, pattern)]
+                  for pattern in patterns]
         if all(groups):
             tables[name] = build(*groups)
     docs = sorted(glob.glob(os.path.join(os.path.dirname(HERE), "docs", "*.md")))
