@@ -173,7 +173,7 @@ def _seed_runs(files):
             key = (v["weight_bits"], v["method"] == "tfmot-8bit", _variant_name(v))
             runs = by_variant.setdefault(key, {})
             bn = v.get("keras_accuracy_bn_reestimated")
-            entry = {"acc": v["keras_accuracy"],
+            entry = {"acc": v["keras_accuracy"], "float": float_row["keras_accuracy"] if float_row else None,
                      "delta": 100 * (v["keras_accuracy"] - float_row["keras_accuracy"]) if float_row else None,
                      "bn_delta": 100 * (bn - float_bn) if bn is not None and float_bn is not None else None}
             if seed in runs:  # e.g. tfmot's 8-bit row, run with every bit-width: fine if it is the same number
@@ -217,6 +217,13 @@ def lsq_seeds_table(files):
     return "\n".join(rows)
 
 
+def _with_machine(results, files):
+    """A run's command, with its CPU when the files come from more than one machine."""
+    cpus = {r.get("machine", {}).get("cpu") for r in files}
+    cpu = results.get("machine", {}).get("cpu")
+    return f"`{results['command']}`" + (f" ({cpu})" if len(cpus) > 1 and cpu else "")
+
+
 def lsq_learning_rate_table(protocol_files, rate_files):
     """The variants of ``rate_files`` (``lsq_lr*.json``: runs at other fine-tuning learning rates) at
     every learning rate measured, the protocol runs (``protocol_files``) included, over seeds; each gap
@@ -229,20 +236,23 @@ def lsq_learning_rate_table(protocol_files, rate_files):
     by_rate = {}
     for r in files:
         by_rate.setdefault(r["protocol"]["learning_rate"], []).append(r)
-    rows = ["| fine-tuning learning rate | variant | W/A bits | seeds | mean acc. | min - max | mean Δ vs float (pt) | "
+    body, commands = [], []
+    for rate in sorted(by_rate):
+        by_variant, _, _ = _seed_runs(by_rate[rate])
+        commands += [_with_machine(r, files) for r in by_rate[rate]]
+        for (bits, _, name), runs in by_variant.items():
+            if (bits, name) in studied:
+                own_floats = [run["float"] for run in runs.values() if run["float"] is not None]
+                float_mean = f"{statistics.mean(own_floats):.4f}" if own_floats else "—"
+                body.append(((-bits, name, rate),
+                             f"| {name} | {bits}/{bits} | {rate:g} | {_seed_cells(runs)} | {float_mean} |"))
+    rows = ["| variant | W/A bits | fine-tuning learning rate | seeds | mean acc. | min - max | mean Δ vs float (pt) | "
             "Δ per seed (pt) | mean Δ after BatchNorm re-estimation (seeds) | mean float acc. |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    commands = []
-    for rate in sorted(by_rate):
-        by_variant, floats, rate_commands = _seed_runs(by_rate[rate])
-        commands += rate_commands
-        for (bits, _, name), runs in sorted(by_variant.items(), key=lambda kv: kv[0][2]):
-            if (bits, name) in studied:
-                float_mean = statistics.mean(floats[s] for s in runs if s in floats)
-                rows.append(f"| {rate:g} | {name} | {bits}/{bits} | {_seed_cells(runs)} | {float_mean:.4f} |")
+    rows += [line for _, line in sorted(body)]   # each variant's rates side by side, higher bit-widths first
     rows.append("")
     rows.append("Adam with cosine decay over the 3 fine-tuning epochs, the float row at the same rate in each run. "
-                "Commands: " + "; ".join(f"`{c}`" for c in commands) + ".")
+                "Commands: " + "; ".join(commands) + ".")
     return "\n".join(rows)
 
 

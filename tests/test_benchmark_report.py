@@ -57,12 +57,31 @@ def test_learning_rate_table_shows_the_studied_variants_at_every_rate():
                 _results(1, [(3, 4, 0.86, None)], 0.89)]
     other_rate = [_results(1, [(3, 4, 0.88, 0.885)], 0.895, float_bn=0.90, learning_rate=1e-3)]
     table = report.lsq_learning_rate_table(protocol, other_rate)
-    body = [line for line in table.splitlines() if line.startswith("| 0.0")]
+    body = [line for line in table.splitlines() if line.startswith("| lsq+")]
     assert len(body) == 2   # only W4A4 config 3 was studied at another rate
     at_protocol, at_other = (line.split(" | ") for line in body)
-    assert at_protocol[0] == "| 0.0005" and at_protocol[3:8] == ["2", "0.8700", "0.8600 - 0.8800", "-2.50",
+    assert at_protocol[2] == "0.0005" and at_protocol[3:8] == ["2", "0.8700", "0.8600 - 0.8800", "-2.50",
                                                                    "s0: -2.00 / s1: -3.00"]
     assert at_protocol[9].startswith("0.8950")   # mean of the two float rows
-    assert at_other[0] == "| 0.001" and at_other[6:8] == ["-1.50", "s1: -1.50"] and at_other[8] == "-1.50 (1)"
+    assert at_other[2] == "0.001" and at_other[6:8] == ["-1.50", "s1: -1.50"] and at_other[8] == "-1.50 (1)"
     with pytest.raises(ValueError, match="different budgets"):
         report.lsq_learning_rate_table(protocol, [_results(1, [(3, 4, 0.88, None)], 0.9, epochs=1, learning_rate=1e-3)])
+
+
+def test_learning_rate_table_orders_by_variant_and_names_machines_when_they_differ():
+    protocol = [_results(0, [(3, 4, 0.88, None), (3, 2, 0.70, None)], 0.90)]
+    # at 1e-3, seed 0's W4 and W2 rows come from two runs with their own float rows, on another CPU
+    w4 = _results(0, [(3, 4, 0.89, None)], 0.91, learning_rate=1e-3, command="w4")
+    w2 = _results(0, [(3, 2, 0.75, None)], 0.80, learning_rate=1e-3, command="w2")
+    protocol[0]["machine"] = {"cpu": "AMD EPYC"}
+    w4["machine"] = w2["machine"] = {"cpu": "Intel Xeon"}
+    table = report.lsq_learning_rate_table(protocol, [w4, w2])
+    body = [line.split(" | ") for line in table.splitlines() if line.startswith("| lsq+")]
+    assert [(cells[1], cells[2]) for cells in body] == [("4/4", "0.0005"), ("4/4", "0.001"),
+                                                         ("2/2", "0.0005"), ("2/2", "0.001")]
+    assert body[3][6] == "-5.00" and body[3][9].startswith("0.8000")   # W2's own float row, not W4's
+    assert body[1][6] == "-2.00" and body[1][9].startswith("0.9100")
+    assert "`w4` (Intel Xeon)" in table and "`cmd` (AMD EPYC)" in table
+    one_machine = report.lsq_learning_rate_table([_results(0, [(3, 4, 0.88, None)], 0.90)],
+                                                 [_results(0, [(3, 4, 0.89, None)], 0.91, learning_rate=1e-3)])
+    assert "(" not in one_machine.split("Commands:")[1]

@@ -36,15 +36,22 @@ _state = {}
 def build(compiler=None, verbose=True):
     """Compile ``fake_quant.cc`` into ``_fused_ops.so`` for the installed TensorFlow."""
     compiler = compiler or os.environ.get("CXX", "c++")
-    command = [compiler, *CXXFLAGS, *tf.sysconfig.get_compile_flags(), SOURCE, "-o", LIBRARY,
+    # compiled beside the library and renamed over it: the linker rewrites an existing file in place,
+    # which would corrupt the library under a process that has it loaded
+    partial = f"{LIBRARY}.{os.getpid()}.partial"
+    command = [compiler, *CXXFLAGS, *tf.sysconfig.get_compile_flags(), SOURCE, "-o", partial,
                *tf.sysconfig.get_link_flags()]
     if verbose:
         print("tfq: building fused kernels:", shlex.join(command))
     try:
         subprocess.run(command, check=True)
+        os.replace(partial, LIBRARY)
     except FileNotFoundError as err:
         raise RuntimeError(f"tfq: no C++ compiler {compiler!r} to build the fused kernels (install g++, or set "
                            f"CXX); tfq works without them, with slower training steps") from err
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
     with open(STAMP, "w") as handle:
         handle.write(tf.__version__)
     _state.clear()

@@ -62,9 +62,9 @@ inline void GradTerms(float x, float dy, float s, float b, float qmin, float qma
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// an AVX2 copy of the element loops, chosen at load time on CPUs that have it (no FMA: the build's
-// -ffp-contract=off holds in every copy)
-#define TFQ_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+// AVX-512 and AVX2 copies of the element loops, one chosen at load time by what the CPU has (no
+// FMA: the build's -ffp-contract=off holds in every copy; the float64 lanes keep the sums' order)
+#define TFQ_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define TFQ_VECTOR_CLONES
 #endif
