@@ -18,33 +18,25 @@ caches between its runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 
-import numpy as np
-
 from benchmarks import latency
-from benchmarks.common import new_results
+from benchmarks.common import new_results, write
+from tfq.export import bench
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 FLAG_SETS = {"default (QS8|QU8)": 3, "latest operators": 3 | 64, "Slinky": 3 | 256, "latest operators + Slinky": 3 | 64 | 256}
-
-
-def _input(dtype, shape):
-    rng = np.random.default_rng(0)
-    if dtype == np.float32:
-        return rng.standard_normal(shape).astype(np.float32)
-    return rng.integers(-128, 128, shape).astype(dtype)
 
 
 def _interpreter_runner(path, **options):
     from ai_edge_litert.interpreter import Interpreter
     interpreter = Interpreter(model_path=path, num_threads=1, **options)
     interpreter.allocate_tensors()
-    detail = interpreter.get_input_details()[0]
-    interpreter.set_tensor(detail["index"], _input(detail["dtype"], detail["shape"]))
+    details = interpreter.get_input_details()
+    for detail, array in zip(details, bench.random_inputs(details)):
+        interpreter.set_tensor(detail["index"], array)
     return interpreter.invoke
 
 
@@ -61,12 +53,12 @@ def _compiled_runner(path, flags, ynnpack=False):
 def median_ms(run, runs, warmup):
     for _ in range(warmup):
         run()
-    times = []
+    samples = []
     for _ in range(runs):
-        start = time.perf_counter()
+        start = time.perf_counter_ns()
         run()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+        samples.append((time.perf_counter_ns() - start) / 1e6)
+    return bench.summarize(samples)["median_ms"]
 
 
 def main(argv=None):
@@ -99,8 +91,7 @@ def main(argv=None):
                 print(f"{name}: {row['error'][:200]}", flush=True)
             rows.append(row)
     results["variants"] = rows
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    write(results, args.out)
     print(f"wrote {args.out}")
 
 

@@ -217,11 +217,11 @@ def lsq_seeds_table(files):
     return "\n".join(rows)
 
 
-def _with_machine(results, files):
-    """A run's command, with its CPU when the files come from more than one machine."""
-    cpus = {r.get("machine", {}).get("cpu") for r in files}
-    cpu = results.get("machine", {}).get("cpu")
-    return f"`{results['command']}`" + (f" ({cpu})" if len(cpus) > 1 and cpu else "")
+def _commands(files):
+    """Each file's command, with its CPU when the files come from more than one machine."""
+    cpus = [r.get("machine", {}).get("cpu") for r in files]
+    several = len(set(cpus)) > 1
+    return [f"`{r['command']}`" + (f" ({cpu})" if several and cpu else "") for r, cpu in zip(files, cpus)]
 
 
 def lsq_learning_rate_table(protocol_files, rate_files):
@@ -236,10 +236,9 @@ def lsq_learning_rate_table(protocol_files, rate_files):
     by_rate = {}
     for r in files:
         by_rate.setdefault(r["protocol"]["learning_rate"], []).append(r)
-    body, commands = [], []
+    body = []
     for rate in sorted(by_rate):
         by_variant, _, _ = _seed_runs(by_rate[rate])
-        commands += [_with_machine(r, files) for r in by_rate[rate]]
         for (bits, _, name), runs in by_variant.items():
             if (bits, name) in studied:
                 own_floats = [run["float"] for run in runs.values() if run["float"] is not None]
@@ -252,7 +251,7 @@ def lsq_learning_rate_table(protocol_files, rate_files):
     rows += [line for _, line in sorted(body)]   # each variant's rates side by side, higher bit-widths first
     rows.append("")
     rows.append("Adam with cosine decay over the 3 fine-tuning epochs, the float row at the same rate in each run. "
-                "Commands: " + "; ".join(commands) + ".")
+                "Commands: " + "; ".join(_commands([r for rate in sorted(by_rate) for r in by_rate[rate]])) + ".")
     return "\n".join(rows)
 
 

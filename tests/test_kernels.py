@@ -256,3 +256,36 @@ def test_saved_models_hold_no_tfq_ops_and_load_without_the_library(tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and "loaded" in done.stdout, done.stderr[-3000:]
+
+
+def _fake_compiler(tmp_path, exit_code):
+    """A stand-in for the C++ compiler: writes 'new library' to its -o argument, then exits."""
+    script = tmp_path / "fake-c++"
+    script.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import sys
+        out = sys.argv[sys.argv.index("-o") + 1]
+        open(out, "w").write("new library")
+        sys.exit({exit_code})
+        """))
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.parametrize("exit_code", [0, 1])
+def test_build_replaces_the_library_by_rename_and_leaves_no_partial_file(tmp_path, monkeypatch, exit_code):
+    library = tmp_path / "_fused_ops.so"
+    library.write_text("old library")
+    monkeypatch.setattr(kernels, "LIBRARY", str(library))
+    monkeypatch.setattr(kernels, "STAMP", str(tmp_path / "_fused_ops.so.tfversion"))
+    monkeypatch.setattr(kernels, "_state", {})
+    with open(library) as loaded:   # a process that has the old library open
+        if exit_code:
+            with pytest.raises(subprocess.CalledProcessError):
+                kernels.build(_fake_compiler(tmp_path, exit_code), verbose=False)
+            assert library.read_text() == "old library"   # a failed build leaves the library as it was
+        else:
+            kernels.build(_fake_compiler(tmp_path, exit_code), verbose=False)
+            assert library.read_text() == "new library"
+            assert loaded.read() == "old library"   # renamed over, not rewritten under the open file
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")) == []
