@@ -15,8 +15,9 @@ quantizers (every tfq quantizer that is not a weight quantizer) replaced by the 
 every tfq quantizer replaced by it (tfmot's wrappers alone): the differences attribute the step-time
 overhead. Those variants train nothing meaningful; they only time the graph.
 
-``--tf_ops`` adds, per method and bit-width, the same quantized model traced without tfq's fused
-kernels (``tfq.kernels``), i.e. with LSQ's forward and backward as TensorFlow ops.
+``--tf_ops`` adds, per method and bit-width, the same quantized model traced with the activation
+functions outside the fused kernels (``tfq.kernels.activations_unfused``) and traced without tfq's
+fused kernels (``tfq.kernels``), i.e. with LSQ's forward and backward as TensorFlow ops.
 """
 import argparse
 import contextlib
@@ -94,6 +95,8 @@ def variants(model_name, methods, bits, ablation=False, tf_ops=False, calibratio
                 return quantized
             out.append((f"tfq {method} W{b}A{b}", build, contextlib.nullcontext))
             if tf_ops:
+                out.append((f"tfq {method} W{b}A{b} activation functions unfused", build,
+                            kernels.activations_unfused))
                 out.append((f"tfq {method} W{b}A{b} TF ops (no fused kernels)", build, kernels.turned_off))
             if ablation:
                 out.append((f"tfq {method} W{b}A{b} activation quantizers off", build,

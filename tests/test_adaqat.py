@@ -10,7 +10,7 @@ import tf_keras as keras
 
 import tfq
 from tfq import configs, costs
-from tfq.api import QuantizeWrapper
+from tfq.api import QuantizeWrapperV2 as QuantizeWrapper
 from tfq.callbacks.adaqat import AdaQAT
 from tfq.quantizers import adaqat as aq
 from tfq.quantizers.grid import UncalibratedError, UniformGrid

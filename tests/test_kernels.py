@@ -289,3 +289,123 @@ def test_build_replaces_the_library_by_rename_and_leaves_no_partial_file(tmp_pat
             assert library.read_text() == "new library"
             assert loaded.read() == "old library"   # renamed over, not rewritten under the open file
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")) == []
+
+
+# --- activation functions fused into the kernels ------------------------------------------------
+
+def _quantized_swish(x):
+    """tfq's training form of swish (graph.split_swish): x * sigmoid(x) on TFLite's fixed sigmoid
+    grid, the grid applied as FixedRangeQuantizer("sigmoid") does in training."""
+    from tfq.quantizers import fixed
+    return x * fixed.FixedRangeQuantizer("sigmoid")._forward(tf.sigmoid(x), True, {})
+
+
+UNFUSED_ACTIVATIONS = {
+    "linear": tf.identity,
+    "relu": tf.nn.relu,
+    "relu6": tf.nn.relu6,
+    "hard_swish": tfq.models.hard_swish,
+    "swish": keras.activations.swish,
+    "quantized_swish": _quantized_swish,
+}
+
+
+def test_every_kernel_activation_has_a_reference():
+    assert set(UNFUSED_ACTIVATIONS) == set(kernels.ACTIVATIONS)
+
+
+@pytest.mark.parametrize("activation", kernels.ACTIVATIONS)
+@pytest.mark.parametrize("qmin, qmax, s, b", [(0.0, 15.0, 0.173, -0.52), (-8.0, 7.0, 0.41, 0.0)])
+def test_fused_activation_equals_the_tensorflow_ops_bit_for_bit(activation, qmin, qmax, s, b):
+    """activation then LSQ as separate TensorFlow ops vs one fused op: the same float32 outputs and
+    input gradients on about 2^20 values spanning every branch (sigmoid's cut-off at -104
+    included); the scale and offset gradients agree to float rounding."""
+    rng = np.random.default_rng(7)
+    # a whole number of SIMD packets: TensorFlow computes a tensor's last (size mod packet) elements
+    # with Eigen's scalar sigmoid, which differs from its vector one (and the kernels') by an ulp
+    x = np.concatenate([[-104.5, -104.0, -3.0, 0.0, 6.0, -0.0, -3.0, 3.0], rng.normal(0, 3, (1 << 20) - 8),
+                        rng.uniform(-120, 30, 1 << 14)]).astype(np.float32)
+    upstream = tf.constant(rng.normal(size=x.shape).astype(np.float32))
+    unfused = UNFUSED_ACTIVATIONS[activation]
+
+    def step(fused):
+        @tf.function
+        def run_step(x, s, b):
+            with tf.GradientTape() as tape:
+                tape.watch([x, s, b])
+                if fused:
+                    y = kernels.fake_quant(x, s, b, qmin, qmax, 0.01, activation=activation)
+                else:
+                    y = lsq.lsq_fake_quant(unfused(x), s, b, qmin, qmax, 0.01, fused=False)
+            return (y,) + tuple(tape.gradient(y, [x, s, b], output_gradients=upstream))
+        return [t.numpy() for t in run_step(tf.constant(x), tf.constant(s), tf.constant(b))]
+
+    fused_y, fused_dx, fused_ds, fused_db = step(True)
+    y, dx, ds, db = step(False)
+    assert (fused_y.view(np.uint32) == y.view(np.uint32)).all(), \
+        f"{int((fused_y != y).sum())} outputs differ from {activation} then LSQ as TensorFlow ops"
+    assert np.array_equal(fused_dx, dx), f"{int((fused_dx != dx).sum())} input gradients differ"
+    # TensorFlow sums 2^20 float32 terms (times g = 0.01) in float32, the kernels in float64
+    np.testing.assert_allclose([fused_ds, fused_db], [ds, db], rtol=1e-5, atol=1e-4)
+
+
+def test_unknown_kernel_activation_is_rejected():
+    with pytest.raises(ValueError, match="activation must be one of"):
+        kernels.fake_quant(tf.zeros([4]), 1.0, 0.0, 0, 15, 1.0, activation="gelu")
+
+
+def test_kernel_activation_names_only_what_the_kernels_compute():
+    from tfq import graph
+    layers = keras.layers
+    assert graph.kernel_activation(layers.ReLU()) == "relu"
+    assert graph.kernel_activation(layers.ReLU(6.0)) == "relu6"
+    assert graph.kernel_activation(layers.Activation("swish")) == "swish"
+    assert graph.kernel_activation(layers.Activation(tfq.models.hard_swish)) == "hard_swish"
+    for other in (layers.ReLU(4.0), layers.ReLU(negative_slope=0.1), layers.ReLU(threshold=1.0),
+                  layers.Activation("sigmoid"), layers.Activation("tanh"), layers.Dense(3)):
+        assert graph.kernel_activation(other) is None, other
+
+
+def _mobile_swish_step(quantized, x, y):
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            logits = quantized(x, training=True)
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+        return logits, tape.gradient(loss, quantized.trainable_variables)
+
+    concrete = train_step.get_concrete_function(tf.TensorSpec(x.shape), tf.TensorSpec(y.shape, tf.int64))
+    fused = sorted(op.get_attr("activation").decode() for op in concrete.graph.get_operations()
+                   if op.type == "TfqLsqFakeQuant" and op.get_attr("activation") != b"linear")
+    logits, grads = train_step(x, y)
+    return fused, logits.numpy(), [g.numpy() for g in grads]
+
+
+@pytest.mark.slow
+def test_quantized_mobile_swish_trains_its_activation_layers_through_fused_ops(tmp_path):
+    """Every hard swish, ReLU and (split) swish of a quantized mobile_swish runs with its output
+    quantizer as one fused op in a training step, with the same logits and gradients (to float
+    rounding) as the activation applied first; a saved and loaded model fuses the same way."""
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.uniform(0, 1, (16, 28, 28, 1)).astype(np.float32))
+    y = tf.constant(np.arange(16) % 10, tf.int64)
+    quantized = tfq.quantize_model(tfq.models.mobile_swish(dropout=0.0), "lsq+", weight_bits=4, activation_bits=4)
+    tfq.calibrate(quantized, x)
+    fused, logits, grads = _mobile_swish_step(quantized, x, y)
+    assert fused == sorted(["hard_swish"] * 6 + ["relu"] + ["quantized_swish"] * 7), fused
+    with kernels.activations_unfused():
+        unfused, logits_unfused, grads_unfused = _mobile_swish_step(quantized, x, y)
+    assert unfused == []
+    np.testing.assert_array_equal(logits, logits_unfused)
+    for a, b in zip(grads, grads_unfused):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+    path = str(tmp_path / "model.h5")
+    quantized.save(path)
+    with tfq.quantize_scope():
+        loaded = keras.models.load_model(path)
+    assert {layer.get_config()["name"] for layer in loaded.layers} == {layer.name for layer in quantized.layers}
+    assert '"class_name": "QuantizeWrapperV2"' in quantized.to_json().replace("'", '"')
+    fused_loaded, logits_loaded, _ = _mobile_swish_step(loaded, x, y)
+    assert fused_loaded == fused
+    np.testing.assert_array_equal(logits_loaded, logits)

@@ -28,7 +28,11 @@ def quantize_model(model, method="lsq+", **options):
     schemes.check_supported(functional)
     check_finite_weights(functional)
     with quantize_scope():
-        return tfmot_quantize.quantize_apply(annotate_model(functional), scheme)
+        quantized = tfmot_quantize.quantize_apply(annotate_model(functional), scheme)
+    for layer in quantized.layers:  # tfmot builds its own wrapper class; tfq's adds the fused path
+        if type(layer) is quantize_wrapper.QuantizeWrapperV2:
+            layer.__class__ = QuantizeWrapperV2
+    return quantized
 
 
 def check_finite_weights(model):
@@ -63,7 +67,7 @@ def quantize_scope():
     ``tf_keras.models.load_model``."""
     with tfmot_quantize.quantize_scope():
         # entered second so that its names win over tfmot's
-        with keras.utils.custom_object_scope({**custom_objects(), "QuantizeWrapperV2": QuantizeWrapper}) as scope:
+        with keras.utils.custom_object_scope({**custom_objects(), "QuantizeWrapperV2": QuantizeWrapperV2}) as scope:
             yield scope
 
 
@@ -81,15 +85,72 @@ def custom_objects():
     return objects
 
 
-class QuantizeWrapper(quantize_wrapper.QuantizeWrapperV2):
-    """tfmot's QuantizeWrapperV2, used when loading: it builds the wrapped layer before the
-    quantizers so the weight order matches the one saved (tfmot's own wrapper creates trainable
-    quantizer variables before the layer's kernel on load, which breaks h5 loading)."""
+class QuantizeWrapperV2(quantize_wrapper.QuantizeWrapperV2):
+    """tfmot's QuantizeWrapperV2 (saved under the same name, so tfmot's loads it too) with two
+    changes, used by ``quantize_model`` and when loading:
+
+    * it builds the wrapped layer before the quantizers, so the weight order matches the one saved
+      (tfmot's own wrapper creates trainable quantizer variables before the layer's kernel on
+      load, which breaks h5 loading);
+    * in training calls, an Activation or ReLU layer (``graph.kernel_activation``), or the Multiply
+      of tfq's swish, and its output quantizer run as one fused op when the quantizer offers one
+      (``fused_activation``; LSQ/LSQ+ with the fused kernels built): one pass forward and one
+      backward instead of the activation's own passes plus the quantizer's. Same numbers as
+      applying them one after the other.
+    """
 
     def build(self, input_shape):
         if not self.layer.built:
             self.layer.build(input_shape)
         super().build(input_shape)
+
+    def call(self, inputs, training=None, **kwargs):
+        if training is True and self._output_quantizers and not self._weight_vars:
+            fused = getattr(self._output_quantizers[0], "fused_activation", None)
+            source, activation = self._fusable_activation(inputs)
+            if fused is not None and activation is not None:
+                outputs = fused(source, activation, self._output_quantizer_vars)
+                if outputs is not None:
+                    return outputs
+        return super().call(inputs, training=training, **kwargs)
+
+    def _fusable_activation(self, inputs):
+        """(tensor, kernel activation) such that this layer's output is ``activation(tensor)``:
+        an Activation or ReLU layer's input and function, or for the Multiply of tfq's swish
+        (``x * q(sigmoid(x))``, see ``graph.split_swish``) x and "quantized_swish"; (None, None)
+        otherwise."""
+        activation = graph.kernel_activation(self.layer)
+        if activation is not None:
+            return inputs, activation
+        if not hasattr(self, "_swish_source_index"):
+            self._swish_source_index = self._find_swish_source()
+        if self._swish_source_index is not None:
+            return inputs[self._swish_source_index], "quantized_swish"
+        return None, None
+
+    def _find_swish_source(self):
+        """Index of x when this wraps Multiply([x, gate]) (either order), gate being a sigmoid
+        Activation of that same x whose output quantizer is the fixed sigmoid grid; else None."""
+        from tfq.quantizers import fixed
+        if type(self.layer).__name__ != "Multiply" or len(self._inbound_nodes) != 1:
+            return None
+        args = self._inbound_nodes[0].call_args
+        operands = args[0] if args else None
+        if not isinstance(operands, (list, tuple)) or len(operands) != 2:
+            return None
+        for gate_index in (1, 0):
+            gate, source = operands[gate_index], operands[1 - gate_index]
+            gate_layer, node_index, _ = getattr(gate, "_keras_history", (None, None, None))
+            if not isinstance(gate_layer, quantize_wrapper.QuantizeWrapperV2):
+                continue
+            quantizers = gate_layer._output_quantizers
+            if (type(gate_layer.layer).__name__ != "Activation" or graph.activation_name(gate_layer.layer) != "sigmoid"
+                    or len(quantizers) != 1 or quantizers[0] != fixed.FixedRangeQuantizer("sigmoid")):
+                continue
+            gate_args = gate_layer._inbound_nodes[node_index].call_args
+            if gate_args and gate_args[0] is source:
+                return 1 - gate_index
+        return None
 
 
 def is_calibrated(model):

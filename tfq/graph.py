@@ -44,6 +44,28 @@ def activation_name(layer):
     return name if isinstance(name, str) else name.get("config", {}).get("name", "")
 
 
+#: Activation-layer function names -> the fused kernels' activation (``tfq.kernels.ACTIVATIONS``)
+_KERNEL_ACTIVATIONS = {"relu": "relu", "swish": "swish", "silu": "swish", "tfq>hard_swish": "hard_swish"}
+
+
+def kernel_activation(layer):
+    """The fused kernels' name for what an Activation or ReLU layer computes ("relu", "relu6",
+    "swish", "hard_swish"), or None for any other layer or function (leaky or thresholded ReLU,
+    sigmoid, tfq.export's TFLite hard swish, ...)."""
+    kind = type(layer).__name__
+    if kind == "ReLU":
+        cfg = layer.get_config()
+        if float(cfg.get("negative_slope") or 0) != 0 or float(cfg.get("threshold") or 0) != 0:
+            return None
+        max_value = cfg.get("max_value")
+        if max_value is None:
+            return "relu"
+        return "relu6" if float(max_value) == 6 else None
+    if kind == "Activation":
+        return _KERNEL_ACTIVATIONS.get(activation_name(layer))
+    return None
+
+
 def _activation_name(layer_cfg):
     activation = layer_cfg["config"].get("activation")
     if isinstance(activation, dict):

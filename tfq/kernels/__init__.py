@@ -2,8 +2,11 @@
 
 ``TfqLsqFakeQuant`` / ``TfqLsqFakeQuantGrad`` do LSQ's per-tensor forward (eq. 2) and backward
 (eq. 3-4) in one pass each over the tensor, where the TensorFlow-op form takes about a dozen
-element-wise passes; they are the activation quantizers' training path. The forward is
-bit-identical to the TensorFlow ops; the scale and offset gradient sums agree to float rounding
+element-wise passes; they are the activation quantizers' training path. Given an ``activation``
+(``ACTIVATIONS``) they quantize that function's output in the same pass and return the gradient
+with respect to its input, so an Activation layer and its output quantizer cost one pass each way
+(``tfq.api.QuantizeWrapperV2``). The forward is bit-identical to the TensorFlow ops (for swish,
+up to a few ulps of TensorFlow's sigmoid); the scale and offset gradient sums agree to float rounding
 (float64 partial sums in fixed blocks, so they do not depend on the thread count).
 
 The library is compiled against the installed TensorFlow's headers with the machine's C++
@@ -25,10 +28,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "fake_quant.cc")
 LIBRARY = os.path.join(HERE, "_fused_ops.so")
 STAMP = LIBRARY + ".tfversion"
-#: -ffp-contract=off: no FMA contraction, so ``code * s + b`` rounds like TensorFlow's Mul then Add
-CXXFLAGS = ["-shared", "-fPIC", "-O3", "-ffp-contract=off", "-fno-fast-math",
+#: -ffp-contract=off: no FMA contraction, so ``code * s + b`` rounds like TensorFlow's Mul then Add;
+#: -fno-trapping-math: no floating-point trap is observed, so GCC may vectorise loops that select
+#: between computed values (it changes no result: the tests compare the bits)
+CXXFLAGS = ["-shared", "-fPIC", "-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math", "-fopenmp-simd",
             "-Wno-deprecated-declarations", "-Wno-interference-size"]  # warnings from TensorFlow's headers
 ENV_SWITCH = "TFQ_FUSED_KERNELS"
+#: activation functions the kernels can apply before quantizing (the ops' ``activation`` attribute)
+ACTIVATIONS = ("linear", "relu", "relu6", "hard_swish", "swish", "quantized_swish")
 
 _state = {}
 
@@ -103,6 +110,24 @@ def turned_off():
         _state["ops"] = saved
 
 
+@contextlib.contextmanager
+def activations_unfused():
+    """While active, quantizers traced into a graph keep the activation function out of their fused
+    kernels (``tfq.api.QuantizeWrapperV2`` applies it as TensorFlow ops first), as before the
+    kernels took an ``activation``: for timing the fusion and for debugging."""
+    saved = _state.get("fuse_activations", True)
+    _state["fuse_activations"] = False
+    try:
+        yield
+    finally:
+        _state["fuse_activations"] = saved
+
+
+def fuse_activations():
+    """Whether quantizers may fuse an activation function into their kernels now."""
+    return _state.get("fuse_activations", True) and available()
+
+
 @tf.autograph.experimental.do_not_convert
 def available():
     """Whether the fused kernels are loaded."""
@@ -132,9 +157,12 @@ def _tracing_for_xla_or_saved_model():
 
 
 @tf.autograph.experimental.do_not_convert  # plain graph building; autograph would re-read this file
-def fake_quant(x, scale, offset, qmin, qmax, grad_scale):
+def fake_quant(x, scale, offset, qmin, qmax, grad_scale, activation="linear"):
     """LSQ's eq. 2 forward and eq. 3-4 backward (scale and offset gradients times ``grad_scale``)
-    through the fused kernels; the caller checks ``fusable`` first."""
+    through the fused kernels, of ``activation(x)`` (one of ``ACTIVATIONS``; the gradient is with
+    respect to ``x``); the caller checks ``fusable`` first."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     fused = ops()
     qmin, qmax = float(qmin), float(qmax)
     grad_scale = tf.convert_to_tensor(grad_scale, tf.float32)
@@ -145,10 +173,11 @@ def fake_quant(x, scale, offset, qmin, qmax, grad_scale):
     @tf.custom_gradient
     def _fake_quant(x, s, b):
         s0, b0 = scalar(s), scalar(b)  # shared by the forward and the backward op
-        out = fused.tfq_lsq_fake_quant(x, s0, b0, qmin=qmin, qmax=qmax)
+        out = fused.tfq_lsq_fake_quant(x, s0, b0, qmin=qmin, qmax=qmax, activation=activation)
 
         def grad(dy):
-            dx, ds, db = fused.tfq_lsq_fake_quant_grad(dy, x, s0, b0, grad_scale, qmin=qmin, qmax=qmax)
+            dx, ds, db = fused.tfq_lsq_fake_quant_grad(dy, x, s0, b0, grad_scale, qmin=qmin, qmax=qmax,
+                                                       activation=activation)
             if s.shape.rank != 0:
                 ds = tf.reshape(ds, tf.shape(s))
             if b.shape.rank != 0:

@@ -195,6 +195,12 @@ class TFQQuantizer(tfmot_quantizers.Quantizer, HasIntegerGrid):
             # variable reads inside _forward happen after the (possible) initialisation
             return self._forward(inputs, training, weights)
 
+    def fused_activation(self, inputs, activation, weights):
+        """This quantizer's training-mode output for ``activation(inputs)`` computed by one fused
+        op (``activation``: a name in ``tfq.kernels.ACTIVATIONS``), or None when it has no such
+        path for this call; the caller then applies the activation and calls the quantizer."""
+        return None
+
     def get_config(self):
         return dict(self._config)
 

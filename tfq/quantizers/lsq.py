@@ -248,6 +248,25 @@ class LSQQuantizer(base.TFQQuantizer):
         return lsq_fake_quant(x, self._broadcast(s, x), beta, self.qmin, self.qmax,
                               self.gradient_scale(x), fused=training is True)
 
+    def fused_activation(self, inputs, activation, weights):
+        """Eq. 2-4 of ``activation(inputs)`` in one fused kernel per direction (``tfq.kernels``),
+        for a per-tensor activation quantizer in a traced training step once it is initialised
+        (its data-dependent initialisation reads the activation's output, so the first,
+        uncalibrated step takes the unfused path)."""
+        if self.is_weight or tf.executing_eagerly() or not kernels.fuse_activations():
+            return None
+        with tf.init_scope():
+            if not self.is_initialized(weights):
+                return None
+        x = tf.convert_to_tensor(inputs)
+        with tf.control_dependencies([self._initialization_op(x, weights)]):  # its check only
+            s = self.scale_tensor(weights)
+            beta = self.effective_offset(s, weights)
+            if not kernels.fusable(x, s, beta):
+                return None
+            return kernels.fake_quant(x, s, beta, self.qmin, self.qmax, self.gradient_scale(x),
+                                      activation=activation)
+
     # --- initialisation (sec. 3.2, 4.3) ----------------------------------------------------
     def _reduce_axes(self, x):
         if self.per_axis is None:
