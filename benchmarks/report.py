@@ -224,41 +224,57 @@ def _commands(files):
     return [f"`{r['command']}`" + (f" ({cpu})" if several and cpu else "") for r, cpu in zip(files, cpus)]
 
 
-def lsq_learning_rate_table(protocol_files, rate_files):
-    """The variants of ``rate_files`` (``lsq_lr*.json``: runs at other fine-tuning learning rates) at
-    every learning rate measured, the protocol runs (``protocol_files``) included, over seeds; each gap
-    is to the float row of its own file."""
-    files = list(protocol_files) + list(rate_files)
-    keys = tuple(k for k in _BUDGET_KEYS if k != "learning_rate")
-    _check_one_budget(files, keys, "lsq_protocol*.json and lsq_lr*.json")
-    studied = {(v["weight_bits"], _variant_name(v)) for r in rate_files for v in r["variants"]
+def _sweep_table(base_files, sweep_files, key, column, note):
+    """The variants of ``sweep_files`` at every value of protocol setting ``key`` measured, the
+    ``base_files`` included, over seeds; each gap is to the float row of its own file. Every other
+    budget setting must agree."""
+    files = list(base_files) + list(sweep_files)
+    keys = tuple(k for k in _BUDGET_KEYS if k != key)
+    _check_one_budget(files, keys, f"the {key} table's result")
+    studied = {(v["weight_bits"], _variant_name(v)) for r in sweep_files for v in r["variants"]
                if v["method"] != "float"}
-    by_rate = {}
+    by_value = {}
     for r in files:
-        by_rate.setdefault(r["protocol"]["learning_rate"], []).append(r)
+        by_value.setdefault(r["protocol"][key], []).append(r)
     body = []
-    for rate in sorted(by_rate):
-        by_variant, _, _ = _seed_runs(by_rate[rate])
+    for value in sorted(by_value):
+        by_variant, _, _ = _seed_runs(by_value[value])
         for (bits, _, name), runs in by_variant.items():
             if (bits, name) in studied:
                 own_floats = [run["float"] for run in runs.values() if run["float"] is not None]
                 float_mean = f"{statistics.mean(own_floats):.4f}" if own_floats else "—"
-                body.append(((-bits, name, rate),
-                             f"| {name} | {bits}/{bits} | {rate:g} | {_seed_cells(runs)} | {float_mean} |"))
-    rows = ["| variant | W/A bits | fine-tuning learning rate | seeds | mean acc. | min - max | mean Δ vs float (pt) | "
+                body.append(((-bits, name, value),
+                             f"| {name} | {bits}/{bits} | {value:g} | {_seed_cells(runs)} | {float_mean} |"))
+    rows = [f"| variant | W/A bits | {column} | seeds | mean acc. | min - max | mean Δ vs float (pt) | "
             "Δ per seed (pt) | mean Δ after BatchNorm re-estimation (seeds) | mean float acc. |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    rows += [line for _, line in sorted(body)]   # each variant's rates side by side, higher bit-widths first
+    rows += [line for _, line in sorted(body)]   # each variant's values side by side, higher bit-widths first
     rows.append("")
-    rows.append("Adam with cosine decay over the 3 fine-tuning epochs, the float row at the same rate in each run. "
-                "Commands: " + "; ".join(_commands([r for rate in sorted(by_rate) for r in by_rate[rate]])) + ".")
+    rows.append(note + " Commands: " + "; ".join(_commands([r for v in sorted(by_value) for r in by_value[v]])) + ".")
     return "\n".join(rows)
+
+
+def lsq_learning_rate_table(protocol_files, rate_files):
+    """The variants of ``rate_files`` (``lsq_lr*.json``: runs at other fine-tuning learning rates) at
+    every learning rate measured, the protocol runs (``protocol_files``) included."""
+    return _sweep_table(protocol_files, rate_files, "learning_rate", "fine-tuning learning rate",
+                        "Adam with cosine decay over the 3 fine-tuning epochs, the float row at the same rate in "
+                        "each run.")
+
+
+def lsq_budget_table(rate_files, epoch_files):
+    """The variants of ``epoch_files`` (``lsq_e*.json``: longer fine-tuning at rate 1e-3) beside the
+    3-epoch runs at that rate (``rate_files``, ``lsq_lr1e-3*.json``)."""
+    return _sweep_table(rate_files, epoch_files, "epochs", "fine-tuning epochs",
+                        "Adam(1e-3) with cosine decay over the fine-tuning epochs, the float row fine-tuned for "
+                        "the same epochs in each run.")
 
 
 #: tables built from several result files: name -> (file-name patterns, builder getting one list of
 #: results per pattern)
 MULTI_FILE_TABLES = {"lsq_seeds": (("lsq_protocol*.json",), lsq_seeds_table),
-                     "lsq_learning_rate": (("lsq_protocol*.json", "lsq_lr*.json"), lsq_learning_rate_table)}
+                     "lsq_learning_rate": (("lsq_protocol*.json", "lsq_lr*.json"), lsq_learning_rate_table),
+                     "lsq_budget": (("lsq_lr1e-3*.json", "lsq_e*.json"), lsq_budget_table)}
 
 TABLES = {"lsq": lsq_table, "lsq_protocol": lsq_table, "export": export_table, "latency": latency_table, "large_models": large_models_table}
 

@@ -85,3 +85,17 @@ def test_learning_rate_table_orders_by_variant_and_names_machines_when_they_diff
     one_machine = report.lsq_learning_rate_table([_results(0, [(3, 4, 0.88, None)], 0.90)],
                                                  [_results(0, [(3, 4, 0.89, None)], 0.91, learning_rate=1e-3)])
     assert "(" not in one_machine.split("Commands:")[1]
+
+
+def test_budget_table_sets_longer_fine_tuning_beside_three_epochs_at_the_same_rate():
+    three = [_results(0, [(4, 4, 0.88, None), (4, 2, 0.70, None)], 0.90, learning_rate=1e-3)]
+    six = [_results(0, [(4, 4, 0.895, None)], 0.905, epochs=6, learning_rate=1e-3),
+           _results(1, [(4, 4, 0.89, None)], 0.90, epochs=6, learning_rate=1e-3)]
+    table = report.lsq_budget_table(three, six)
+    body = [line.split(" | ") for line in table.splitlines() if line.startswith("| lsq+")]
+    assert [(cells[1], cells[2]) for cells in body] == [("4/4", "3"), ("4/4", "6")]   # W2 was not studied
+    assert body[0][6] == "-2.00" and body[1][3:8] == ["2", "0.8925", "0.8900 - 0.8950", "-1.00",
+                                                      "s0: -1.00 / s1: -1.00"]
+    assert body[1][9].startswith("0.9025")
+    with pytest.raises(ValueError, match="epochs table"):   # another learning rate is another budget
+        report.lsq_budget_table([_results(0, [(4, 4, 0.88, None)], 0.9, learning_rate=5e-4)], six)
