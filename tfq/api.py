@@ -95,8 +95,9 @@ class QuantizeWrapperV2(quantize_wrapper.QuantizeWrapperV2):
     * in training calls, an Activation or ReLU layer (``graph.kernel_activation``), or the Multiply
       of tfq's swish, and its output quantizer run as one fused op when the quantizer offers one
       (``fused_activation``; LSQ/LSQ+ with the fused kernels built): one pass forward and one
-      backward instead of the activation's own passes plus the quantizer's. Same numbers as
-      applying them one after the other.
+      backward instead of the activation's own passes plus the quantizer's. The outputs and input
+      gradients are those of applying them one after the other, bit for bit; the scale and offset
+      gradient sums agree to float rounding (``tests/test_kernels.py``).
     """
 
     def build(self, input_shape):
