@@ -279,6 +279,13 @@ MULTI_FILE_TABLES = {"lsq_seeds": (("lsq_protocol*.json",), lsq_seeds_table),
 TABLES = {"lsq": lsq_table, "lsq_protocol": lsq_table, "export": export_table, "latency": latency_table, "large_models": large_models_table}
 
 
+def fill_markers(text, name, table):
+    """``text`` with the lines between ``<!-- results:name -->`` and ``<!-- /results:name -->``
+    (none, or an earlier table) replaced by ``table``."""
+    pattern = re.compile(rf"(<!-- results:{name} -->)\n(?:.*?\n)?(<!-- /results:{name} -->)", re.S)
+    return pattern.sub(lambda m: m.group(1) + "\n" + table + "\n" + m.group(2), text)
+
+
 def main():
     results, tables = {}, {}  # results: file name -> its contents, each file read once
     for path in sorted(glob.glob(os.path.join(HERE, "results", "*.json"))):
@@ -299,8 +306,7 @@ def main():
         with open(page) as f:
             text = f.read()
         for name, table in tables.items():
-            pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
-            text = pattern.sub(lambda m: m.group(1) + table + m.group(2), text)
+            text = fill_markers(text, name, table)
         with open(page, "w") as f:
             f.write(text)
 

@@ -99,3 +99,11 @@ def test_budget_table_sets_longer_fine_tuning_beside_three_epochs_at_the_same_ra
     assert body[1][9].startswith("0.9025")
     with pytest.raises(ValueError, match="epochs table"):   # another learning rate is another budget
         report.lsq_budget_table([_results(0, [(4, 4, 0.88, None)], 0.9, learning_rate=5e-4)], six)
+
+
+def test_markers_are_filled_whether_empty_or_holding_an_earlier_table():
+    empty = "a\n<!-- results:t -->\n<!-- /results:t -->\nb"
+    assert report.fill_markers(empty, "t", "| x |") == "a\n<!-- results:t -->\n| x |\n<!-- /results:t -->\nb"
+    earlier = "a\n<!-- results:t -->\n| old |\n| rows |\n<!-- /results:t -->\nb"
+    assert report.fill_markers(earlier, "t", "| x |") == empty.replace("-->\n<!-- /", "-->\n| x |\n<!-- /")
+    assert report.fill_markers(earlier, "other", "| x |") == earlier
