@@ -81,10 +81,8 @@ def check_supported(model, skip=()):
 
 def _is_fusable_activation(layer):
     kind = type(layer).__name__
-    if kind == "ReLU":
-        cfg = layer.get_config()
-        return (cfg.get("negative_slope", 0) in (0, 0.0) and cfg.get("threshold", 0) in (0, 0.0)
-                and cfg.get("max_value") in (None, 6, 6.0))
+    if kind == "ReLU":  # plain ReLU or ReLU6, as the fused kernels recognise them
+        return graph.kernel_activation(layer) is not None
     if kind == "Activation":
         return graph.activation_name(layer) in FUSABLE_ACTIVATIONS
     return False

@@ -5,9 +5,10 @@
 element-wise passes; they are the activation quantizers' training path. Given an ``activation``
 (``ACTIVATIONS``) they quantize that function's output in the same pass and return the gradient
 with respect to its input, so an Activation layer and its output quantizer cost one pass each way
-(``tfq.api.QuantizeWrapperV2``). The forward is bit-identical to the TensorFlow ops (for swish,
-up to a few ulps of TensorFlow's sigmoid); the scale and offset gradient sums agree to float rounding
-(float64 partial sums in fixed blocks, so they do not depend on the thread count).
+(``tfq.api.QuantizeWrapperV2``). The forward and the input gradient are bit-identical to the
+TensorFlow ops (``fake_quant.cc`` says where TensorFlow's own sigmoid differs); the scale and offset
+gradient sums agree to float rounding (float64 partial sums in fixed blocks, so they do not depend
+on the thread count).
 
 The library is compiled against the installed TensorFlow's headers with the machine's C++
 compiler. When it is missing, was built for another TensorFlow version or fails to load, tfq warns

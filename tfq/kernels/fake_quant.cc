@@ -9,14 +9,14 @@
 // (x * relu6(x + 3) * (1/6), tfq.models.hard_swish), swish (x * sigmoid(x)) or quantized_swish
 // (x * q(sigmoid(x)), q = TFLite's fixed sigmoid grid of step 1/256, codes 0..255).
 //
-// For linear, relu, relu6 and hard_swish the forward is bit-identical to TensorFlow's separate ops
-// (the activation's ops, then Sub, RealDiv, Minimum, Maximum, Round, Mul, Add), and so is dx: every
-// step is one IEEE float32 operation in the same order, compiled with -ffp-contract=off so that
-// c * s + b is never fused into an FMA, and rounding is half to even like tf.round. swish's sigmoid
-// is Eigen's float logistic algorithm written out per element; TensorFlow's own Sigmoid kernel may
-// differ from it by a few ulps, so a value within that distance of a rounding tie can take the
-// neighbouring code. The gradient sums use fixed blocks and float64 partial sums added in block
-// order, so they do not depend on the number of threads.
+// The forward is bit-identical to TensorFlow's separate ops (the activation's ops, then Sub, RealDiv,
+// Minimum, Maximum, Round, Mul, Add), and so is dx: every step is one IEEE float32 operation in the
+// same order, compiled with -ffp-contract=off so that c * s + b is never fused into an FMA, and
+// rounding is half to even like tf.round. The swish sigmoid is the vectorised algorithm of Eigen's
+// float logistic that TensorFlow's Sigmoid kernel runs, written out per element; TensorFlow computes
+// a tensor's last (size mod SIMD width) elements with Eigen's scalar sigmoid, which can differ by an
+// ulp. The gradient sums use fixed blocks and float64 partial sums added in block order, so they do
+// not depend on the number of threads.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -66,7 +66,7 @@ constexpr float kSigmoidCodeMax = 255.0f;
 // Eigen's float logistic (scalar_logistic_op<float>::packetOp), one element at a time and without
 // FMA: range reduction by 2, exp(r) by its degree-5 polynomial, exp(x) = (2^m exp(r))^2.
 inline float Sigmoid(float x0) {
-  const float zero_mask = static_cast<float>(x0 < -104.0f);  // Eigen returns exactly 0 below -104
+  const bool below_range = x0 < -104.0f;  // Eigen returns exactly 0 there
   float x = std::min(x0, 16.6355324f) * 0.5f;
   // m = floor(t) by rounding to nearest and stepping down (exact for |t| < 2^22, which holds for
   // every x0 >= -104; below, the result is 0 whatever m is); std::floor would not vectorise
@@ -88,32 +88,30 @@ inline float Sigmoid(float x0) {
   float e = p * two_m;
   e = e * e;
   const float sigmoid = e / (1.0f + e);  // computed before the select: GCC does not if-convert
-  return zero_mask != 0.0f ? 0.0f : sigmoid;  // a division that may trap, so it would not vectorise
+  return below_range ? 0.0f : sigmoid;  // a division that may trap, so it would not vectorise
 }
 
-// A sigmoid value on TFLite's fixed grid, as tfq's FixedRangeQuantizer("sigmoid") computes it.
-inline float OnSigmoidGrid(float sigmoid) {
-  return RoundHalfEven(Clip(sigmoid / kSigmoidStep, 0.0f, kSigmoidCodeMax)) * kSigmoidStep + 0.0f;
-}
-
-// act(x) and the sigmoid its derivative reuses, computed once per element.
+// act(x) and what its derivative reuses, computed once per element.
 struct ActPoint {
   float value;
   float sigmoid;
-  float gate;  // quantized_swish: the sigmoid on its grid
+  float gate;         // quantized_swish: the sigmoid on its grid
+  float gate_inside;  // quantized_swish: 1 where the grid passes the gradient through, else 0
 };
 
 // act(x), in TensorFlow's order of operations.
 template <Activation A>
 inline ActPoint Evaluate(float x) {
-  ActPoint p = {x, 0.0f, 0.0f};
+  ActPoint p = {x, 0.0f, 0.0f, 0.0f};
   if (A == Activation::kRelu) p.value = std::max(x, 0.0f);
   if (A == Activation::kRelu6) p.value = std::min(std::max(x, 0.0f), 6.0f);
   if (A == Activation::kHardSwish) p.value = (x * std::min(std::max(x + 3.0f, 0.0f), 6.0f)) * (1.0f / 6.0f);
   if (A == Activation::kSwish || A == Activation::kQuantizedSwish) p.sigmoid = Sigmoid(x);
   if (A == Activation::kSwish) p.value = x * p.sigmoid;
-  if (A == Activation::kQuantizedSwish) {
-    p.gate = OnSigmoidGrid(p.sigmoid);
+  if (A == Activation::kQuantizedSwish) {  // as tfq's FixedRangeQuantizer("sigmoid") in training
+    const float v = p.sigmoid / kSigmoidStep;
+    p.gate = RoundHalfEven(Clip(v, 0.0f, kSigmoidCodeMax)) * kSigmoidStep + 0.0f;
+    p.gate_inside = static_cast<float>((v >= 0.0f) & (v <= kSigmoidCodeMax));  // as GradTerms' inside
     p.value = x * p.gate;
   }
   return p;
@@ -138,9 +136,7 @@ inline float Chain(float x, const ActPoint& p, float g) {
   }
   if (A == Activation::kSwish) return g * (p.sigmoid * (1.0f + x * (1.0f - p.sigmoid)));
   if (A == Activation::kQuantizedSwish) {
-    const float v = p.sigmoid / kSigmoidStep;
-    const float inside = static_cast<float>((v >= 0.0f) & (v <= kSigmoidCodeMax));  // as GradTerms'
-    return g * p.gate + ((g * x) * inside) * (p.sigmoid * (1.0f - p.sigmoid));
+    return g * p.gate + ((g * x) * p.gate_inside) * (p.sigmoid * (1.0f - p.sigmoid));
   }
   return g;
 }
